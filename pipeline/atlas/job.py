@@ -1,0 +1,250 @@
+"""The streaming, resumable build: one (matrix, layer) partition at a time, read ∥ compute ∥ write.
+
+A partition is a pure function of (source, settings, matrix, layer) → an `atlas` and a `neurons`
+Parquet file, each written under a temporary name and renamed when complete. A completion marker in
+`<out>/.state/atlas/<model>/` records the partition and the settings it was built with; a rerun skips
+marked partitions, so a run killed at any moment resumes to the same atlas. One file lock per model
+keeps two builds from writing the same atlas at once. Memory holds the LM head, the layer being
+projected, the next one being read and the previous one's results being written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from filelock import FileLock, Timeout
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.arch import ArchAdapter
+from pipeline.atlas import schema
+from pipeline.atlas.project import Head, Projection, fold_gain, project_block
+from pipeline.config import AtlasConfig
+from pipeline.errors import AtlasError
+from pipeline.sources import open_source, resolve
+from pipeline.sources.base import source_sha256
+from pipeline.tokens import TokenTable
+
+FORMAT_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Partition:
+    matrix: str
+    layer: int
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What a build did, for the CLI's summary line."""
+
+    model: str
+    out: Path
+    written: int
+    skipped: int
+    seconds: float
+    peak_rss_bytes: int
+
+
+def fit_tokens(tokens: TokenTable, vocab: int) -> TokenTable:
+    """Match the tokenizer to the head's rows; refuse a tokenizer that belongs to another model."""
+    n = len(tokens)
+    beyond_head = [i for i in range(vocab, n) if not tokens.special[i]]
+    if beyond_head or vocab - n > max(128, vocab // 50):
+        raise AtlasError(f"the tokenizer has {n} tokens but the LM head has {vocab} rows: "
+                         f"wrong tokenizer for this model?")
+    return tokens.fit(vocab)
+
+
+class AtlasJob:
+    """One model's atlas build, resolved and validated before anything is written."""
+
+    def __init__(self, cfg: AtlasConfig) -> None:
+        self.cfg = cfg
+        resolved = resolve(cfg.model)
+        self.resolved = resolved
+        self.source = open_source(resolved.path)
+        self.adapter = ArchAdapter(self.source)
+        self.model = cfg.name or resolved.slug
+        self.layers = self._check_layers(cfg.layers)
+        self.matrices = self._check_matrices(cfg.matrices)
+        self.device = self._check_device(cfg.device)
+        self.dtype = "float32" if cfg.dtype == "auto" else cfg.dtype
+        self.vocab, self.d_model = self.adapter.head_shape()
+        self.tokens = fit_tokens(self.source.token_table(), self.vocab)
+        self.state = cfg.out / ".state" / "atlas" / self.model
+        self.sha256 = source_sha256(self.source, cfg.out / ".state" / "sha256.json")
+
+    def _check_layers(self, layers: tuple[int, ...] | None) -> tuple[int, ...]:
+        n = self.adapter.n_layers
+        bad = [layer for layer in layers or () if layer >= n]
+        if bad:
+            raise AtlasError(f"layer {bad[0]} is out of range: {self.model} has layers 0-{n - 1}")
+        return layers or tuple(range(n))
+
+    def _check_matrices(self, matrices: tuple[str, ...] | None) -> tuple[str, ...]:
+        missing = [m for m in matrices or () if m not in self.adapter.matrices]
+        if missing:
+            raise AtlasError(f"{self.adapter.family.name} MLPs have no {missing[0]!r} matrix; "
+                             f"they have {', '.join(self.adapter.matrices)}")
+        return matrices or self.adapter.matrices
+
+    @staticmethod
+    def _check_device(device: str) -> torch.device:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise AtlasError(f"unknown device {device!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise AtlasError("--device cuda was asked for, but torch sees no CUDA device here")
+        return dev
+
+    def settings(self) -> dict:
+        """Everything the numbers depend on; a resumed run must agree with the partitions it keeps."""
+        return {"format": FORMAT_VERSION, "source_sha256": self.sha256, "k": self.cfg.k,
+                "norm": self.cfg.norm, "center": self.cfg.center, "dtype": self.dtype}
+
+    def provenance(self) -> dict:
+        a = self.adapter
+        return {"model": self.model, "model_id": self.resolved.model_id, "source_path": str(self.resolved.path),
+                "source_sha256": self.sha256, "source_format": self.source.format,
+                "architecture": self.source.model_type, "family": a.family.name, "n_layers": a.n_layers,
+                "n_neurons": a.n_neurons, "d_model": self.d_model, "vocab_size": self.vocab,
+                "tied_head": a.tied, "norm": self.cfg.norm, "center": self.cfg.center, "k": self.cfg.k,
+                "dtype": self.dtype, "package_version": __version__,
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "config": self.cfg.as_dict()}
+
+    def run(self, progress: bool = True, log=lambda msg: print(msg, file=sys.stderr)) -> BuildReport:
+        t0 = time.perf_counter()
+        self.state.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.state) + ".lock", timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise AtlasError(f"another `atlas build` is writing the atlas of {self.model} in {self.cfg.out} "
+                             f"(lock {lock.lock_file}); wait for it to finish") from None
+        try:
+            self._remove_temporaries()
+            todo = self._plan(log)
+            skipped = len(self.layers) * len(self.matrices) - len(todo)
+            if skipped:
+                log(f"{self.model}: {skipped} partitions already built, skipped (--force recomputes them)")
+            if todo:
+                self._write_tokens()
+                self._execute(todo, progress)
+        finally:
+            lock.release()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return BuildReport(self.model, self.cfg.out, len(todo), skipped, time.perf_counter() - t0, peak)
+
+    def _marker(self, part: Partition) -> Path:
+        return self.state / f"{part.matrix}-{part.layer}.json"
+
+    def _plan(self, log) -> list[Partition]:
+        """Partitions still to build; refuses to mix settings within one model's atlas."""
+        current = self.settings()
+        built = {p: json.loads(p.read_text()) for p in self.state.glob("*.json")}
+        stale = {p: s for p, s in built.items() if s != current}
+        if stale:
+            old = next(iter(stale.values()))
+            diff = ", ".join(f"{k}: {old.get(k)} → {v}" for k, v in current.items() if old.get(k) != v)
+            if not self.cfg.force:
+                raise AtlasError(f"the atlas of {self.model} in {self.cfg.out} was built with other settings "
+                                 f"({diff}); pass --force to rebuild it, or --name to keep both")
+            log(f"{self.model}: settings changed ({diff}); rebuilding the whole atlas")
+            self._remove_model_outputs()
+        parts = [Partition(m, layer) for layer in self.layers for m in self.matrices]
+        if self.cfg.force:
+            for part in parts:
+                self._marker(part).unlink(missing_ok=True)
+        return [p for p in parts if not self._marker(p).exists()]
+
+    def _model_dirs(self) -> list[Path]:
+        return [self.cfg.out / t / f"model={self.model}" for t in ("atlas", "neurons", "tokens")]
+
+    def _remove_temporaries(self) -> None:
+        for d in self._model_dirs():
+            for tmp in d.rglob("*.tmp"):
+                tmp.unlink()
+
+    def _remove_model_outputs(self) -> None:
+        for path in [*self.state.glob("*.json"), *(f for d in self._model_dirs() for f in d.rglob("*.parquet"))]:
+            path.unlink()
+
+    def _write_tokens(self) -> None:
+        meta = {**self.provenance(), "table": "tokens"}
+        with schema.atomic_parquet(schema.tokens_path(self.cfg.out, self.model), schema.TOKENS, meta) as w:
+            w.write_table(schema.tokens_rows(self.tokens, self.model))
+
+    def _load(self, part: Partition) -> tuple[torch.Tensor, torch.Tensor]:
+        """One matrix of one layer with the gains the normalisation folds in, and the raw vectors' norms."""
+        vectors = self.adapter.neuron_vectors(part.matrix, part.layer)
+        gain = self.adapter.gain("mlp_norm", part.layer) if self.cfg.norm == "both" and part.matrix != "down" else None
+        return fold_gain(vectors, gain, self.cfg.center), vectors.norm(dim=1)
+
+    def _head(self) -> Head:
+        weight = self.adapter.head()
+        if self.cfg.norm in ("final", "both"):
+            weight = weight * self.adapter.gain("final_norm")  # W_U (g ⊙ w) = (W_U ⊙ g) w
+        return Head.from_weight(weight.to(self.device))
+
+    def _project(self, vectors: torch.Tensor, norms: torch.Tensor, head: Head) -> list[Projection]:
+        """Project in blocks; `norm` reports the stored weight vector's length, whatever was folded in."""
+        bs = self.cfg.block_size
+        out = []
+        for start in range(0, vectors.shape[0], bs):
+            p = project_block(vectors[start:start + bs].to(self.device), head, self.cfg.k)
+            out.append(Projection(p.top_ids.cpu(), p.top_logits.cpu(), p.bottom_ids.cpu(), p.bottom_logits.cpu(),
+                                  p.mean.cpu(), p.std.cpu(), norms[start:start + bs]))
+        return out
+
+    def _write(self, part: Partition, blocks: list[Projection], texts: pa.Array) -> None:
+        meta = {**self.provenance(), "matrix": part.matrix, "layer": part.layer}
+        out, model = self.cfg.out, self.model
+        paths = [schema.partition_path(out, t, model, part.matrix, part.layer) for t in ("neurons", "atlas")]
+        for path, table, rows in zip(paths, (schema.NEURONS, schema.ATLAS), (schema.neuron_rows, schema.atlas_rows)):
+            with schema.atomic_parquet(path, table, {**meta, "table": path.parts[-4]}) as w:
+                first = 0
+                for block in blocks:  # one row group per block of neurons
+                    w.write_table(rows(block, texts, model, part.matrix, part.layer, first))
+                    first += block.top_ids.shape[0]
+        marker = self._marker(part)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.settings()))
+        os.replace(tmp, marker)
+
+    def _execute(self, todo: list[Partition], progress: bool) -> None:
+        head = self._head()
+        texts = pa.array(self.tokens.text, pa.string())
+        bar = tqdm(total=len(todo), desc=f"atlas {self.model}", unit="part", file=sys.stderr,
+                   disable=None if progress else True)
+        with ThreadPoolExecutor(1, "atlas-read") as reader, ThreadPoolExecutor(1, "atlas-write") as writer:
+            next_read = reader.submit(self._load, todo[0])
+            pending_write = None
+            for i, part in enumerate(todo):
+                vectors, norms = next_read.result()
+                if i + 1 < len(todo):
+                    next_read = reader.submit(self._load, todo[i + 1])
+                bar.set_postfix(layer=part.layer, matrix=part.matrix, refresh=False)
+                blocks = self._project(vectors, norms, head)
+                if pending_write is not None:
+                    pending_write.result()
+                pending_write = writer.submit(self._write, part, blocks, texts)
+                bar.update()
+            pending_write.result()
+        bar.close()
+
+
+def build_atlas(cfg: AtlasConfig, progress: bool = True) -> BuildReport:
+    """Resolve, validate and build one model's atlas."""
+    return AtlasJob(cfg).run(progress=progress)

@@ -1,0 +1,117 @@
+"""Neuron vectors through the LM head: top-k and bottom-k tokens, and logit statistics. Pure math.
+
+For a block of neuron vectors `W` `[n, d]` and the head `W_U` `[V, d]`, the logits are `W W_Uᵀ`
+(Davies 2025; Geva et al. 2022). They are computed one vocabulary chunk at a time, so a chunk of logits
+stays in cache while its top-k is taken, and merged into a running top-k. Order is by logit, then by
+lower token id: identical head rows (tied special tokens) and all-zero vectors give exact ties, and the
+rule makes the result deterministic whatever the chunking.
+
+Mean and variance over the vocabulary need no logit matrix: `mean = w·μ`, `var = wᵀ Σ w`, with `μ`
+and `Σ` the mean and (population) covariance of the head's rows, computed once per head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+VOCAB_CHUNK = 8192
+
+
+@dataclass(frozen=True)
+class Head:
+    """The unembedding with its row statistics, prepared once per model and normalisation."""
+
+    weight: torch.Tensor  # [V, d] float32
+    mean: torch.Tensor  # [d]    mean of the rows
+    cov: torch.Tensor  # [d, d] population covariance of the rows
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, chunk: int = VOCAB_CHUNK) -> Head:
+        """Row mean and covariance, accumulated in float64 over chunks (the head can be GBs)."""
+        weight = weight.float()
+        vocab, d = weight.shape
+        mean = (sum(weight[i:i + chunk].double().sum(0) for i in range(0, vocab, chunk)) / vocab).float()
+        cov = torch.zeros(d, d, dtype=torch.float64, device=weight.device)
+        for i in range(0, vocab, chunk):
+            c = weight[i:i + chunk] - mean  # [chunk, d]
+            cov += (c.T @ c).double()
+        return cls(weight, mean, (cov / vocab).float())
+
+
+@dataclass(frozen=True)
+class Projection:
+    """What the atlas keeps of one block of neurons: `[n, k]` top/bottom tokens and `[n]` statistics."""
+
+    top_ids: torch.Tensor
+    top_logits: torch.Tensor
+    bottom_ids: torch.Tensor
+    bottom_logits: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    norm: torch.Tensor
+
+
+def fold_gain(vectors: torch.Tensor, gain: torch.Tensor | None, center: bool) -> torch.Tensor:
+    """Prepare a layer's vectors: scale by a norm gain, optionally subtract the layer's mean vector.
+
+    Centring removes the direction all neurons of the layer share, which equals centring each token's
+    logit column over the layer's neurons (glitch tokens that top every neuron drop back).
+    """
+    if gain is not None:
+        vectors = vectors * gain
+    if center:
+        vectors = vectors - vectors.mean(0, keepdim=True)
+    return vectors
+
+
+def project_block(vectors: torch.Tensor, head: Head, k: int, chunk: int = VOCAB_CHUNK) -> Projection:
+    """Project `[n, d]` vectors through the head and keep the top-k and bottom-k tokens of each."""
+    vocab = head.weight.shape[0]
+    k = min(k, vocab)
+    top = bottom = None
+    for start in range(0, vocab, chunk):
+        logits = vectors @ head.weight[start:start + chunk].T  # [n, chunk]
+        t = _chunk_topk(logits, k, start)
+        b = _chunk_topk(-logits, k, start)
+        top = t if top is None else _merge(top, t, k)
+        bottom = b if bottom is None else _merge(bottom, b, k)
+    var = ((vectors @ head.cov) * vectors).sum(1)
+    return Projection(top[1], top[0], bottom[1], -bottom[0], vectors @ head.mean,
+                      var.clamp_min(0).sqrt(), vectors.norm(dim=1))
+
+
+def z_scores(logits: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """`(logit − mean) / std` per neuron row; 0 for a constant logit vector (std = 0)."""
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    return torch.where(std[:, None] > 0, (logits - mean[:, None]) / safe[:, None], torch.zeros_like(logits))
+
+
+def _chunk_topk(logits: torch.Tensor, k: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of one chunk ordered by (value desc, id asc), exact when values tie at the cut."""
+    k = min(k, logits.shape[1])
+    vals, idx = logits.topk(min(k + 1, logits.shape[1]), dim=1)
+    tied = vals[:, k - 1] == vals[:, -1] if vals.shape[1] > k else torch.zeros_like(vals[:, 0], dtype=torch.bool)
+    vals, idx = vals[:, :k], idx[:, :k]
+    if tied.any():  # the (k+1)-th equals the k-th: which tokens make the cut is a tie-break by id
+        rows = tied.nonzero().squeeze(1)
+        order = logits[rows].sort(dim=1, descending=True, stable=True).indices[:, :k]
+        idx[rows] = order
+        vals[rows] = logits[rows].gather(1, order)
+    return _sort_by_value_then_id(vals, idx + offset)
+
+
+def _merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], k: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two sorted top-k lists where every id of `a` is below every id of `b`."""
+    vals = torch.cat([a[0], b[0]], 1)
+    ids = torch.cat([a[1], b[1]], 1)
+    vals, perm = vals.sort(dim=1, descending=True, stable=True)  # stable: equal values keep id order
+    return vals[:, :k], ids.gather(1, perm)[:, :k]
+
+
+def _sort_by_value_then_id(vals: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, perm = ids.sort(dim=1)
+    vals = vals.gather(1, perm)
+    vals, perm = vals.sort(dim=1, descending=True, stable=True)
+    return vals, ids.gather(1, perm)

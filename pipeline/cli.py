@@ -1,0 +1,102 @@
+"""The `atlas` command line: click options mapped onto config dataclasses, nothing more.
+
+Exit codes: 0 success, 1 bad input or environment (one line on stderr), 2 bad usage or option value.
+Heavy imports (torch, transformers) happen inside commands so `atlas --help` is instant.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from pipeline import __version__
+from pipeline.config import DTYPES, NORMS, AtlasConfig, parse_layers, parse_matrices
+from pipeline.errors import AtlasError
+from pipeline.sources.embedded import DEFAULT_MODEL
+
+OUT_OPTION = click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs"),
+                          show_default=True, help="Root folder of all outputs.")
+
+
+class AtlasGroup(click.Group):
+    """Turns an `AtlasError` from any command into one error line and exit code 1 (unless --debug)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AtlasError as e:
+            if os.environ.get("ATLAS_DEBUG") or (ctx.obj or {}).get("debug"):
+                raise
+            raise click.ClickException(str(e)) from None
+
+
+def _parsed(parse):
+    """A click callback that maps a parser's `AtlasError` to a usage error (exit 2)."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None):
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except AtlasError as e:
+            raise click.BadParameter(str(e)) from None
+
+    return callback
+
+
+@click.group(cls=AtlasGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="atlas")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Neuron Atlas: what every MLP neuron of a language model reads and writes, in token space."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@OUT_OPTION
+@click.option("--name", help="Name of the model in the outputs (default: derived from MODEL).")
+@click.option("-k", "--k", "k", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Top and bottom tokens kept per neuron.")
+@click.option("--norm", type=click.Choice(NORMS), default="raw", show_default=True,
+              help="raw: W_U·w; final: fold the final norm gain; both: also the pre-MLP gain for up/gate.")
+@click.option("--center", is_flag=True, help="Subtract each layer's mean neuron vector before projecting.")
+@click.option("--matrices", callback=_parsed(parse_matrices), help="Comma list of up,gate,down [default: all].")
+@click.option("--layers", callback=_parsed(parse_layers), help="Layers to map, e.g. 0-3,10 [default: all].")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+              help="Compute dtype; auto picks the fastest exact path for this machine.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device for the projection (cpu, cuda).")
+@click.option("--block-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Neurons per projection block and Parquet row group.")
+@click.option("--force", is_flag=True, help="Recompute partitions that are already built.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes; only errors.")
+def build(model: str, out: Path, name: str | None, k: int, norm: str, center: bool, matrices, layers,
+          dtype: str, device: str, block_size: int, force: bool, quiet: bool) -> None:
+    """Map every MLP neuron of MODEL to its top and bottom tokens, as Parquet under OUT/atlas/.
+
+    \b
+    MODEL is one of
+      - a Hugging Face model folder (config.json + safetensors, sharded or not),
+      - a .gguf file,
+      - a hub id already in the local Hugging Face cache (never downloaded),
+      - an alias of a model shipped in a Python package:
+        smollm2-135m-instruct (the default) or gemma3-270m.
+
+    A rerun skips what is already built; a run that was killed resumes where it stopped.
+    """
+    from pipeline.atlas.job import AtlasJob
+
+    cfg = AtlasConfig(model=model, out=out, name=name, k=k, norm=norm, center=center, matrices=matrices,
+                      layers=layers, dtype=dtype, device=device, block_size=block_size, force=force)
+    job = AtlasJob(cfg)
+    report = job.run(progress=not quiet, log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)))
+    if not quiet:
+        click.echo(f"{report.model}: {report.written} partitions written, {report.skipped} already built, "
+                   f"in {report.seconds:.1f} s (peak memory {report.peak_rss_bytes / 2**30:.2f} GiB) "
+                   f"-> {report.out / 'atlas' / f'model={report.model}'}")
+
+
+def main() -> None:
+    cli(prog_name="atlas")

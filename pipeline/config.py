@@ -1,0 +1,74 @@
+"""Job configuration: one frozen dataclass per job, validated once; the CLI only maps options onto it."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.errors import AtlasError
+
+MATRICES = ("up", "gate", "down")
+NORMS = ("raw", "final", "both")
+DTYPES = ("auto", "float32")
+
+
+def parse_layers(spec: str) -> tuple[int, ...]:
+    """Parse a layer spec such as `0-3,10` into sorted unique indices."""
+    layers: set[int] = set()
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise AtlasError(f"invalid layer spec {spec!r}: expected e.g. '0-3,10'")
+        lo, hi = int(m[1]), int(m[2] if m[2] is not None else m[1])
+        if hi < lo:
+            raise AtlasError(f"invalid layer spec {spec!r}: range {lo}-{hi} is backwards")
+        layers.update(range(lo, hi + 1))
+    return tuple(sorted(layers))
+
+
+def parse_matrices(spec: str) -> tuple[str, ...]:
+    """Parse `up,down` into matrix names in canonical order."""
+    names = {s.strip() for s in spec.split(",") if s.strip()}
+    unknown = names - set(MATRICES)
+    if unknown or not names:
+        raise AtlasError(f"invalid matrices {spec!r}: choose from {', '.join(MATRICES)}")
+    return tuple(m for m in MATRICES if m in names)
+
+
+@dataclass(frozen=True)
+class AtlasConfig:
+    """Everything that decides what `atlas build` writes; stored in every output file's metadata."""
+
+    model: str
+    out: Path = Path("outputs")
+    name: str | None = None  # slug override; default derived from `model`
+    k: int = 20
+    norm: str = "raw"
+    center: bool = False
+    matrices: tuple[str, ...] | None = None  # None: every matrix the family has
+    layers: tuple[int, ...] | None = None  # None: all layers
+    dtype: str = "auto"
+    device: str = "cpu"
+    block_size: int = 256  # neurons per projection block and per Parquet row group
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise AtlasError(f"k must be at least 1, got {self.k}")
+        if self.norm not in NORMS:
+            raise AtlasError(f"unknown normalisation {self.norm!r}: choose from {', '.join(NORMS)}")
+        if self.dtype not in DTYPES:
+            raise AtlasError(f"unknown dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
+        if self.block_size < 1:
+            raise AtlasError(f"block size must be positive, got {self.block_size}")
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise AtlasError(f"invalid model name {self.name!r}: use letters, digits, '.', '_' and '-'")
+
+    def settings(self) -> dict:
+        """The options that change the numbers in the output (what a resumed run must agree on)."""
+        return {"k": self.k, "norm": self.norm, "center": self.center, "dtype": self.dtype}
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d

@@ -1,0 +1,103 @@
+"""Hugging Face model folders: `config.json` plus one or many `.safetensors` shards, read lazily."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from pipeline.errors import AtlasError
+from pipeline.tokens import TokenTable
+
+
+class SafetensorsSource:
+    """A model folder as a `WeightSource`; a single `model.safetensors` is a one-shard weight map."""
+
+    format = "safetensors"
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder)
+        self.config = _read_json(self.path / "config.json")
+        text = self.config.get("text_config") or {}
+        self.model_type = str(self.config.get("model_type", "?"))
+        layers = text.get("num_hidden_layers") or self.config.get("num_hidden_layers") or self.config.get("n_layer")
+        if not layers:
+            raise AtlasError(f"{self.path / 'config.json'}: no num_hidden_layers / n_layer")
+        self.n_layers = int(layers)
+        self._handles: dict[Path, object] = {}
+        self._where = self._weight_map()
+
+    def _weight_map(self) -> dict[str, Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = {k: self.path / v for k, v in _read_json(index).get("weight_map", {}).items()}
+        else:
+            shards = sorted(self.path.glob("*.safetensors"))
+            if not shards:
+                raise AtlasError(f"{self.path}: no .safetensors files (and no model.safetensors.index.json)")
+            weight_map = {name: shard for shard in shards for name in self._open(shard).keys()}
+        missing = sorted({str(p.name) for p in weight_map.values() if not p.exists()})
+        if missing:
+            raise AtlasError(f"{self.path}: shards named in the index are missing: {', '.join(missing)}")
+        for shard in set(weight_map.values()):
+            self._open(shard)  # validates every header up front, before any output is written
+        return weight_map
+
+    def _open(self, shard: Path):
+        if shard not in self._handles:
+            try:
+                self._handles[shard] = safe_open(str(shard), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise AtlasError(f"{shard}: corrupt or truncated safetensors file: {e}") from None
+        return self._handles[shard]
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def _slice(self, name: str):
+        if name not in self._where:
+            raise AtlasError(f"{self.path}: no tensor {name!r} in this checkpoint")
+        return self._open(self._where[name]).get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        sl = self._slice(name)
+        return (sl[:] if rows is None else sl[rows]).to(torch.float32)
+
+    def files(self) -> list[Path]:
+        return sorted(set(self._where.values()))
+
+    def token_table(self) -> TokenTable:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise AtlasError(f"{self.path}: cannot load its tokenizer: {str(e).splitlines()[0]}") from None
+        pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+        special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+        return TokenTable.from_pieces([p if p is not None else "" for p in pieces], _style(tok), special)
+
+
+def _style(tok) -> str:
+    """Which piece spelling a fast tokenizer uses, read from its decoder."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
+    text = json.dumps(decoder or {})
+    if '"ByteLevel"' in text:
+        return "bytelevel"
+    if "▁" in text or '"Metaspace"' in text or '"ByteFallback"' in text:
+        return "sentencepiece"
+    return "plain"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AtlasError(f"{path.parent}: not a model folder (no {path.name})") from None
+    except ValueError as e:
+        raise AtlasError(f"{path}: invalid JSON: {e}") from None

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny real models built once per session, and the CLI invoked in-process.
+
+Where tests belong: tests/README.md.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from pipeline.cli import cli
+from tests import tiny_models
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """`model_dir(family, **options)`: a saved tiny model, built once per distinct request."""
+    cache: dict[tuple, Path] = {}
+
+    def build(family: str, **options) -> Path:
+        key = (family, *sorted(options.items()))
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"{family}-model")
+            cache[key] = tiny_models.build_hf_model(folder, family, **options)
+        return cache[key]
+
+    return build
+
+
+def run_cli(*args: str | Path) -> Result:
+    """Invoke `atlas ...` in-process; stdout and stderr stay apart (click >= 8.2)."""
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)

@@ -1,0 +1,196 @@
+"""`atlas build` on tiny real models, checked against a brute force through the model's own modules.
+
+The reference never touches pipeline code: it loads the saved folder with transformers, takes the
+MLP weights from the modules, the LM head from `get_output_embeddings()`, and a norm's gain from the
+norm module's own forward pass (so Gemma's `1 + weight` is checked, not assumed).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests import tiny_models
+from tests.conftest import run_cli
+
+K = 5
+
+
+def load(folder):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def blocks(model, family: str):
+    """Per layer (mlp, pre-MLP norm), and the final norm, by the family's module names."""
+    if family == "gpt2":
+        body = model.transformer
+        return [(b.mlp, b.ln_2) for b in body.h], body.ln_f
+    if family == "gpt_neox":
+        body = model.gpt_neox
+        return [(b.mlp, b.post_attention_layernorm) for b in body.layers], body.final_layer_norm
+    pre = "pre_feedforward_layernorm" if family in ("gemma2", "gemma3_text") else "post_attention_layernorm"
+    return [(b.mlp, getattr(b, pre)) for b in model.model.layers], model.model.norm
+
+
+def neuron_vectors(mlp, family: str, matrix: str) -> torch.Tensor:
+    """[n_neurons, d_model]: what each neuron reads (up/gate rows) or writes (down columns)."""
+    if family == "gpt2":  # Conv1D weights are [in, out]
+        return {"up": mlp.c_fc.weight.T, "down": mlp.c_proj.weight}[matrix]
+    if family == "gpt_neox":
+        return {"up": mlp.dense_h_to_4h.weight, "down": mlp.dense_4h_to_h.weight.T}[matrix]
+    if family == "phi3":  # the forward pass splits gate_up_proj's output as (gate, up)
+        gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
+        return {"up": up, "gate": gate, "down": mlp.down_proj.weight.T}[matrix]
+    return {"up": mlp.up_proj.weight, "gate": mlp.gate_proj.weight, "down": mlp.down_proj.weight.T}[matrix]
+
+
+def gain(norm) -> torch.Tensor:
+    """A norm's multiplicative gain, read off its forward pass on a vector of ones."""
+    if isinstance(norm, torch.nn.LayerNorm):
+        return norm.weight
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
+    d = norm.weight.shape[0]
+    return norm(torch.ones(1, d))[0] * math.sqrt(1 + eps)
+
+
+def read_partition(out, table, model, matrix, layer):
+    return pq.read_table(out / table / f"model={model}" / f"matrix={matrix}" / f"layer={layer}.parquet").to_pandas()
+
+
+def check_against_reference(out, slug, folder, family, norm="raw", k=K):
+    model = load(folder)
+    head = model.get_output_embeddings().weight.double()
+    layers, final = blocks(model, family)
+    matrices = ("up", "down") if family in ("gpt2", "gpt_neox") else ("up", "gate", "down")
+    with torch.no_grad():
+        for layer, (mlp, pre) in enumerate(layers):
+            for matrix in matrices:
+                w = neuron_vectors(mlp, family, matrix).double()
+                raw_norm = w.norm(dim=1)
+                if norm in ("final", "both"):
+                    w = w * gain(final).double()
+                if norm == "both" and matrix != "down":
+                    w = w * gain(pre).double()
+                logits = w @ head.T  # [n, V]
+                atlas = read_partition(out, "atlas", slug, matrix, layer)
+                neurons = read_partition(out, "neurons", slug, matrix, layer)
+                assert len(neurons) == w.shape[0] and len(atlas) == 2 * k * w.shape[0]
+                for side, descending in (("top", True), ("bottom", False)):
+                    rows = atlas[atlas.side == side].sort_values(["neuron", "rank"])
+                    ids = torch.tensor(rows.token_id.to_numpy().reshape(-1, k), dtype=torch.long)
+                    expected = logits.sort(dim=1, descending=descending).values[:, :k]
+                    # the reference logits of our ids are the k most extreme (equal up to exact ties)
+                    torch.testing.assert_close(logits.gather(1, ids), expected, rtol=1e-5, atol=1e-5)
+                    assert all(len(set(r)) == k for r in ids.tolist())
+                    np.testing.assert_allclose(rows.logit.to_numpy(), logits.gather(1, ids).flatten().numpy(),
+                                               rtol=1e-4, atol=1e-5)
+                np.testing.assert_allclose(neurons.logit_mean, logits.mean(1).numpy(), rtol=1e-4, atol=1e-5)
+                np.testing.assert_allclose(neurons.logit_std, logits.std(1, unbiased=False).numpy(), rtol=1e-4)
+                np.testing.assert_allclose(neurons.norm, raw_norm.numpy(), rtol=1e-5)
+                max_z = (logits.max(1).values - logits.mean(1)) / logits.std(1, unbiased=False)
+                np.testing.assert_allclose(neurons.max_z, max_z.numpy(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", tiny_models.FAMILIES)
+def test_every_family_matches_the_brute_force_reference(family, model_dir, tmp_path):
+    folder = model_dir(family)
+    result = run_cli("build", folder, "--out", tmp_path, "-k", K, "--quiet")
+    assert result.exit_code == 0, result.output
+    check_against_reference(tmp_path, folder.name, folder, family)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gemma", "gpt2", "phi3"])
+@pytest.mark.parametrize("norm", ["final", "both"])
+def test_norm_folding_matches_the_norm_modules(family, norm, model_dir, tmp_path):
+    folder = model_dir(family)
+    assert run_cli("build", folder, "--out", tmp_path, "-k", K, "--norm", norm, "-q").exit_code == 0
+    check_against_reference(tmp_path, folder.name, folder, family, norm=norm)
+
+
+@pytest.mark.parametrize("options", [dict(tie=False), dict(tie=True), dict(sharded=True),
+                                     dict(pad_vocab=8), dict(dtype=torch.bfloat16)])
+def test_head_tying_sharding_padding_and_bf16_checkpoints(options, model_dir, tmp_path):
+    folder = model_dir("llama", **options)
+    if options.get("sharded"):
+        assert len(list(folder.glob("*.safetensors"))) > 1
+    assert run_cli("build", folder, "--out", tmp_path, "-k", K, "-q").exit_code == 0
+    check_against_reference(tmp_path, folder.name, folder, "llama")
+    if options.get("pad_vocab"):
+        tokens = pq.read_table(tmp_path / "tokens" / f"model={folder.name}" / "tokens.parquet").to_pandas()
+        assert tokens.token.iloc[-1].startswith("<unused:") and tokens.is_special.iloc[-1]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_gguf_gives_the_same_atlas_as_the_safetensors_folder(family, model_dir, tmp_path):
+    """F32 GGUF: same tokens, same order; the Gemma `+1` stored in GGUF norms is not added twice."""
+    folder = model_dir(family)
+    gguf_file = tiny_models.build_gguf(folder, tmp_path / "tiny.gguf")
+    for source, name in ((folder, "st"), (gguf_file, "gg")):
+        assert run_cli("build", source, "--out", tmp_path / "out", "--name", name, "-k", K,
+                       "--norm", "both", "-q").exit_code == 0
+    check_against_reference(tmp_path / "out", "gg", folder, family, norm="both")
+    for table in ("atlas", "neurons"):
+        st = read_partition(tmp_path / "out", table, "st", "up", 1).drop(columns="model")
+        gg = read_partition(tmp_path / "out", table, "gg", "up", 1).drop(columns="model")
+        assert st.select_dtypes(exclude="float").equals(gg.select_dtypes(exclude="float"))
+
+
+def test_quantised_gguf_matches_its_own_dequantised_weights(model_dir, tmp_path):
+    import gguf
+
+    folder = model_dir("llama", d_model=64, d_ff=96)
+    path = tiny_models.build_gguf(folder, tmp_path / "q8.gguf", quant="Q8_0")
+    assert run_cli("build", path, "--out", tmp_path, "-k", K, "--matrices", "down", "-q").exit_code == 0
+    reader = gguf.GGUFReader(path)
+    t = {t.name: t for t in reader.tensors}
+    deq = lambda name: torch.from_numpy(gguf.quants.dequantize(t[name].data, t[name].tensor_type)).double()
+    head = deq("output.weight" if "output.weight" in t else "token_embd.weight")
+    for layer in range(3):
+        logits = deq(f"blk.{layer}.ffn_down.weight").T @ head.T
+        atlas = read_partition(tmp_path, "atlas", "q8", "down", layer)
+        top = atlas[atlas.side == "top"].sort_values(["neuron", "rank"])
+        ids = torch.tensor(top.token_id.to_numpy().reshape(-1, K))
+        torch.testing.assert_close(logits.gather(1, ids), logits.sort(1, descending=True).values[:, :K])
+
+
+def test_tokens_table_reads_like_the_tokenizer(model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    for family in ("llama", "gemma3_text"):  # byte-level BPE and SentencePiece
+        folder = model_dir(family)
+        assert run_cli("build", folder, "--out", tmp_path, "--layers", "0", "-q").exit_code == 0
+        tokens = pq.read_table(tmp_path / "tokens" / f"model={folder.name}" / "tokens.parquet").to_pandas()
+        tok = AutoTokenizer.from_pretrained(folder)
+        anchor = tok.convert_tokens_to_ids(tok.tokenize("a")[-1])
+        prefix = tok.decode([anchor])
+        checked = 0
+        for row in tokens.itertuples():
+            if row.is_special or "\\x" in row.token:
+                continue
+            assert tok.decode([anchor, row.token_id]).removeprefix(prefix) == row.token, row
+            checked += 1
+        assert checked > 0.6 * len(tokens)
+        dog = tokens[tokens.token == " dog"]
+        assert len(dog) == 1 and dog.is_word.item() and not dog.piece.item().startswith(" ")
+
+
+def test_metadata_carries_provenance(model_dir, tmp_path):
+    import hashlib
+
+    folder = model_dir("qwen2")
+    assert run_cli("build", folder, "--out", tmp_path, "-k", 7, "--norm", "final", "-q").exit_code == 0
+    files = sorted(folder.glob("*.safetensors"))
+    assert len(files) == 1
+    sha = hashlib.sha256(files[0].read_bytes()).hexdigest()
+    for path in tmp_path.rglob("*.parquet"):
+        meta = {k.decode(): v.decode() for k, v in pq.read_schema(path).metadata.items() if k.startswith(b"atlas.")}
+        assert meta["atlas.source_sha256"] == sha
+        assert meta["atlas.model"] == folder.name and meta["atlas.architecture"] == "qwen2"
+        assert meta["atlas.k"] == "7" and meta["atlas.norm"] == "final" and meta["atlas.dtype"] == "float32"
+        assert {"atlas.source_path", "atlas.package_version", "atlas.created_at", "atlas.table"} <= set(meta)
+        if meta["atlas.table"] != "tokens":
+            assert meta["atlas.matrix"] in path.parent.name and meta["atlas.layer"] in path.name

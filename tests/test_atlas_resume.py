@@ -1,0 +1,99 @@
+"""Resume and atomicity: a crashed or killed build, rerun, gives the atlas an uninterrupted run gives."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from filelock import FileLock
+
+from pipeline.arch import ArchAdapter
+from tests.conftest import run_cli
+
+
+def snapshot(out: Path) -> dict[str, object]:
+    """Every Parquet file's data (metadata left aside: it records the creation time)."""
+    return {str(p.relative_to(out)): pq.read_table(p).replace_schema_metadata(None)
+            for p in sorted(out.rglob("*.parquet"))}
+
+
+def assert_same_atlas(a: Path, b: Path) -> None:
+    sa, sb = snapshot(a), snapshot(b)
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert sa[name].equals(sb[name]), name
+
+
+@pytest.fixture
+def deep_model(model_dir):
+    return model_dir("llama", n_layers=12, d_ff=256)
+
+
+def test_rerun_after_a_crash_resumes_and_matches_an_uninterrupted_run(deep_model, tmp_path, monkeypatch):
+    assert run_cli("build", deep_model, "--out", tmp_path / "clean", "-q").exit_code == 0
+    real = ArchAdapter.neuron_vectors
+
+    def failing(self, matrix, layer):
+        if layer == 7:
+            raise OSError("disk went away")
+        return real(self, matrix, layer)
+
+    monkeypatch.setattr(ArchAdapter, "neuron_vectors", failing)
+    with pytest.raises(OSError):
+        run_cli("build", deep_model, "--out", tmp_path / "crashed", "-q")
+    done = list((tmp_path / "crashed" / ".state" / "atlas").glob("*/*.json"))
+    assert 0 < len(done) < 36
+    assert not list((tmp_path / "crashed").rglob("*.tmp"))
+    monkeypatch.setattr(ArchAdapter, "neuron_vectors", real)
+    result = run_cli("build", deep_model, "--out", tmp_path / "crashed")
+    assert result.exit_code == 0
+    assert f"{len(done)} partitions already built, skipped" in result.stderr
+    assert_same_atlas(tmp_path / "clean", tmp_path / "crashed")
+
+
+def test_kill_9_at_any_moment_then_rerun_gives_the_same_atlas(deep_model, tmp_path):
+    assert run_cli("build", deep_model, "--out", tmp_path / "clean", "-q").exit_code == 0
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "pipeline", "build", str(deep_model), "--out", str(out), "-q"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    state = out / ".state" / "atlas" / deep_model.name
+    deadline = time.monotonic() + 120
+    while not list(state.glob("*.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list(state.glob("*.json")))
+    assert finished < 36, "the build finished before it could be killed; make the model deeper"
+    for path in out.rglob("*.parquet"):  # whatever is there under a final name is complete
+        pq.read_table(path)
+    assert run_cli("build", deep_model, "--out", out, "-q").exit_code == 0
+    assert not list(out.rglob("*.tmp"))
+    assert_same_atlas(tmp_path / "clean", out)
+
+
+def test_force_recomputes_and_changed_settings_are_refused(model_dir, tmp_path):
+    folder = model_dir("llama")
+    assert run_cli("build", folder, "--out", tmp_path, "-k", 5, "-q").exit_code == 0
+    again = run_cli("build", folder, "--out", tmp_path, "-k", 5)
+    assert "9 partitions already built" in again.stderr and "0 partitions written" in again.stdout
+    assert "9 partitions written" in run_cli("build", folder, "--out", tmp_path, "-k", 5, "--force").stdout
+    refused = run_cli("build", folder, "--out", tmp_path, "-k", 6)
+    assert refused.exit_code == 1 and "k: 5 → 6" in refused.stderr and "--force" in refused.stderr
+    assert run_cli("build", folder, "--out", tmp_path, "-k", 6, "--force", "-q").exit_code == 0
+    assert len(pq.read_table(next((tmp_path / "atlas").rglob("*.parquet")))) == 48 * 2 * 6
+
+
+def test_a_second_build_into_the_same_folder_is_locked_out(model_dir, tmp_path):
+    folder = model_dir("llama")
+    lock_path = tmp_path / ".state" / "atlas" / f"{folder.name}.lock"
+    lock_path.parent.mkdir(parents=True)
+    with FileLock(str(lock_path)):
+        result = run_cli("build", folder, "--out", tmp_path)
+    assert result.exit_code == 1
+    assert "another `atlas build` is writing" in result.stderr
+    assert not list(tmp_path.rglob("*.parquet"))

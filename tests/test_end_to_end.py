@@ -5,6 +5,7 @@ dequantises the same file by its own tensor mapping; its `lm_head` and MLP modul
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import duckdb
@@ -22,7 +23,9 @@ K = 20
 @pytest.fixture(scope="module")
 def default_atlas(tmp_path_factory):
     out = tmp_path_factory.mktemp("outputs")
-    result = run_cli("build", "--out", out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = run_cli("build", "--out", out)
     assert result.exit_code == 0, result.stderr
     assert "90 partitions written" in result.stdout
     return out

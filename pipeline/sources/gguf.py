@@ -55,9 +55,11 @@ class GGUFSource:
         t = self._tensor(name)
         data = t.data if rows is None else t.data[rows]  # quantised rows are whole blocks: slice first
         arr = dequantize(np.ascontiguousarray(data), t.tensor_type).astype(np.float32, copy=False)
+        if not arr.flags.writeable:  # F32 tensors come back as the read-only memory map itself
+            arr = arr.copy()
         shape = self.shape(name)
         n = shape[0] if rows is None else len(range(*rows.indices(shape[0])))
-        return torch.from_numpy(arr.reshape((n, *shape[1:]) if len(shape) > 1 else shape).copy())
+        return torch.from_numpy(arr.reshape((n, *shape[1:]) if len(shape) > 1 else shape))
 
     def files(self) -> list[Path]:
         return [self.path]

@@ -98,5 +98,42 @@ def build(model: str, out: Path, name: str | None, k: int, norm: str, center: bo
                    f"-> {report.out / 'atlas' / f'model={report.model}'}")
 
 
+@cli.command()
+@click.argument("sql_file", metavar="FILE")
+@OUT_OPTION
+@click.option("--var", "var", multiple=True, metavar="NAME=VALUE",
+              help="Set a variable the file reads with getvariable('NAME'); repeat for several.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table",
+              show_default=True, help="How to print the result (parquet needs --output).")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the result here, not to stdout.")
+@click.option("--limit", type=click.IntRange(min=0), help="At most this many rows.")
+def query(sql_file: str, out: Path, var: tuple[str, ...], fmt: str, output: Path | None, limit: int | None) -> None:
+    """Run the SQL in FILE over the atlas under OUT and print the result of its last statement.
+
+    \b
+    FILE is a path, or the name of a file in the repository's sql/ folder:
+      compare_models, find_concept, coherent_neurons, clamp_candidates,
+      layer_summary, glitch_tokens, top_tokens (each file's header lists its variables).
+    The views atlas, neurons and tokens are defined first (sql/views.sql).
+
+    Example: atlas query find_concept --var concept=water --var matrix=down
+    """
+    import pyarrow.parquet as pq
+
+    from pipeline.query import render, run_sql
+
+    if bad := [v for v in var if "=" not in v]:
+        raise click.BadParameter(f"{bad[0]!r} is not NAME=VALUE", param_hint="'--var'")
+    if fmt == "parquet" and output is None:
+        raise click.BadParameter("parquet needs --output PATH", param_hint="'--format'")
+    table = run_sql(out, sql_file, dict(v.split("=", 1) for v in var), limit)
+    if fmt == "parquet":
+        pq.write_table(table, output)
+    elif output is not None:
+        output.write_text(render(table, fmt))
+    else:
+        click.echo(render(table, fmt), nl=False)
+
+
 def main() -> None:
     cli(prog_name="atlas")

@@ -12,7 +12,7 @@ ARGS ?=
 SQL ?= sql/layer_summary.sql
 VARS ?=
 
-.PHONY: help setup atlas test test-fast bench query clean
+.PHONY: help setup atlas test test-fast query clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -40,9 +40,6 @@ test: $(BIN)/atlas  ## run the whole test suite (what CI runs)
 
 test-fast: $(BIN)/atlas  ## the tests without the end-to-end runs on real models
 	$(BIN)/python -m pytest -q -m "not slow"
-
-bench: $(BIN)/atlas  ## benchmarks: ratios against baselines measured in the same run
-	$(BIN)/python bench/run.py
 
 clean:  ## remove outputs (keeps .venv)
 	rm -rf $(OUT)

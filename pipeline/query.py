@@ -18,8 +18,8 @@ import duckdb
 import pyarrow as pa
 
 from pipeline.errors import AtlasError
+from pipeline.words import SQL_DIR, define_word_macros
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 TABLES = ("atlas", "neurons", "tokens")
 _COMMENT = re.compile(r"--[^\n]*")
 _READ = re.compile(r"getvariable\(\s*'(\w+)'\s*\)", re.IGNORECASE)
@@ -67,6 +67,7 @@ def run_sql(out: Path, sql_file: str | Path, variables: dict[str, str], limit: i
     try:
         for name, value in {"atlas_root": str(out), **variables}.items():
             con.execute(f'SET VARIABLE "{name}" = ?', [value])
+        define_word_macros(con)
         con.execute((SQL_DIR / "views.sql").read_text())
         statements = con.extract_statements(sql)
         if not statements:

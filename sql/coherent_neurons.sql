@@ -3,7 +3,7 @@
 --
 -- Answers: which neurons are the natural clamping candidates? (methods/atlas.md: a neuron that only
 -- reads " water" can lower P(" water") when clamped high; one that reads and writes it raises it.)
--- Words are compared with the macros concept_word and same_word of views.sql (case, leading space,
+-- Words are compared with the macros concept_word and same_word of words.sql (case, leading space,
 -- markers, punctuation and simple plurals do not matter).
 -- One row per neuron, its best pair of tokens; score = least(read z, write z), highest first (ties:
 -- the pair of better ranks).

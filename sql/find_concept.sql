@@ -3,7 +3,7 @@
 -- Answers: which neurons read or write "dog"? A token matches as a person means it: case and the
 -- leading space or '▁'/'Ġ' marker do not matter, nor does a simple English plural (' dog', 'Dog',
 -- ' dogs', 'DOGS' all match dog), but other words containing it do not ('dogma', 'hotdog').
--- The rules are the macros concept_word and same_word in views.sql.
+-- The rules are the macros concept_word and same_word in words.sql.
 -- One row per neuron: its best matching token (rank, z), every matching token, and the neuron's own
 -- top-1 token and max_z. Ranked by |z| of the best match (z is negative on the bottom side).
 -- Variables (`atlas query` --var NAME=VALUE, or SET VARIABLE by hand; values are strings):

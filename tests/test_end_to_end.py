@@ -42,6 +42,7 @@ def reference_model():
 def connect(out: Path) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     con.execute("SET VARIABLE atlas_root = ?", [str(out)])
+    con.execute((ROOT / "sql" / "words.sql").read_text())
     con.execute((ROOT / "sql" / "views.sql").read_text())
     return con
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from pipeline.query import SQL_DIR, run_sql
+from pipeline.words import matching_token_ids
 from tests.conftest import run_cli
 
 K = 5
@@ -40,7 +41,7 @@ VARS = {
     "layer_summary": {},
     "glitch_tokens": {"min_neurons": "2"},
 }
-SQL_FILES = sorted(p for p in SQL_DIR.glob("*.sql") if p.name != "views.sql")
+SQL_FILES = sorted(p for p in SQL_DIR.glob("*.sql") if p.name not in ("views.sql", "words.sql"))
 
 
 def edited_copy(folder: Path, dest: Path, vectors: dict[tuple[str, int, int], torch.Tensor]) -> Path:
@@ -251,3 +252,10 @@ def test_sql_errors_and_a_missing_atlas_fail_in_one_line(sql, message, atlas, tm
     for out, expected in ((atlas, f"bad.sql: {message}"), (tmp_path / "empty", "no atlas under")):
         result = run_cli("query", bad, "--out", out)
         assert result.exit_code == 1 and expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_matching_token_ids_follows_the_sql_rule():
+    tokens = ["dog", " Dog", "Ġdogs", "▁DOG.", "dogma", "hotdog", " cat", "", " do"]
+    assert matching_token_ids(tokens, " dog") == [0, 1, 2, 3]
+    assert matching_token_ids(tokens, "Dogs") == [0, 1, 2, 3]
+    assert matching_token_ids(tokens, "zebra") == []

@@ -7,12 +7,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 MODEL ?= smollm2-135m-instruct
+BASE ?= $(MODEL)
 OUT ?= outputs
 ARGS ?=
 SQL ?= sql/layer_summary.sql
 VARS ?=
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help setup atlas test test-fast query clean
+.PHONY: help setup atlas test test-fast query compare report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -35,10 +38,20 @@ atlas: $(BIN)/atlas  ## map MODEL (default: the embedded SmolLM2-135M-Instruct) 
 query: $(BIN)/atlas  ## run SQL=file.sql over OUT with VARS="name=value ..."
 	$(BIN)/atlas query $(SQL) --out $(OUT) $(foreach v,$(VARS),--var $(v))
 
-test: $(BIN)/atlas  ## run the whole test suite (what CI runs)
+# The HTML report is checked in a real headless Chromium (Debian's package).
+$(CHROMIUM):
+	$(SUDO) apt-get install -y -q chromium >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
+
+compare: $(BIN)/atlas  ## compare the atlases of BASE and OTHER=... (built first if missing)
+	$(BIN)/atlas compare $(BASE) $(OTHER) --out $(OUT) $(ARGS)
+
+report: $(BIN)/atlas  ## HTML report on MODEL into OUT/report/ (ARGS="--concept water --compare OTHER")
+	$(BIN)/atlas report $(MODEL) --out $(OUT) $(ARGS)
+
+test: $(BIN)/atlas $(CHROMIUM)  ## run the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q
 
-test-fast: $(BIN)/atlas  ## the tests without the end-to-end runs on real models
+test-fast: $(BIN)/atlas $(CHROMIUM)  ## the tests without the end-to-end runs on real models
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:  ## remove outputs (keeps .venv)

@@ -135,5 +135,63 @@ def query(sql_file: str, out: Path, var: tuple[str, ...], fmt: str, output: Path
         click.echo(render(table, fmt), nl=False)
 
 
+@cli.command()
+@click.argument("base")
+@click.argument("other")
+@OUT_OPTION
+@click.option("-k", "--k", "k", type=click.IntRange(min=1),
+              help="Top-k size for the Jaccard overlap [default: the atlases' k].")
+@click.option("--changed", type=click.IntRange(min=0), default=20, show_default=True,
+              help="How many of the most changed neurons to list.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, notes or table; only errors.")
+def compare(base: str, other: str, out: Path, k: int | None, changed: int, quiet: bool) -> None:
+    """Compare the atlases of BASE and OTHER (e.g. a model and its instruct fine-tune), neuron by neuron.
+
+    \b
+    BASE and OTHER are models as `atlas build` takes them, or names of atlases already in OUT.
+    A missing atlas is built first (with the settings already used in OUT, if any).
+    Prints, per layer and matrix, the share of neurons whose top-1 token is the same in both and
+    the mean Jaccard overlap of their top-k token sets, then the neurons that changed most; writes
+    them to OUT/compare/BASE--vs--OTHER.parquet and a plot per layer to the .png beside it.
+    """
+    from pipeline.report.compare import CompareConfig, agreement_text
+    from pipeline.report.compare import compare as run_compare
+
+    log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    result = run_compare(CompareConfig(base, other, out, k, changed), progress=not quiet, log=log)
+    if not quiet:
+        click.echo(agreement_text(result))
+        click.echo(f"wrote {result.parquet} and {result.plot}", err=True)
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@OUT_OPTION
+@click.option("--compare", "other", metavar="OTHER", help="Also compare with OTHER (e.g. the base model).")
+@click.option("--concept", "concepts", multiple=True, metavar="WORD",
+              help="Look up the neurons of a concept word; repeat for several.")
+@click.option("--per-layer", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Most specialised neurons listed per layer and matrix.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes; only errors.")
+def report(model: str, out: Path, other: str | None, concepts: tuple[str, ...], per_layer: int, quiet: bool) -> None:
+    """Write a static HTML report on MODEL's atlas to OUT/report/ (one self-contained file).
+
+    \b
+    The page shows, per layer, how specialised the neurons are (z-scores) and which glitch
+    tokens top many of them; the most specialised neurons of every layer with their top and
+    bottom tokens; with --compare, agreement with another model; with --concept, the neurons
+    that read or write each word and the candidates for clamping. The atlas (and OTHER's) is
+    built first if OUT does not have it.
+
+    Example: atlas report smollm2-135m-instruct --concept water --concept dog
+    """
+    from pipeline.report.model_report import ReportConfig, write_report
+
+    log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    path = write_report(ReportConfig(model, out, other, concepts, per_layer), progress=not quiet, log=log)
+    if not quiet:
+        click.echo(f"wrote {path}")
+
+
 def main() -> None:
     cli(prog_name="atlas")

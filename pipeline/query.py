@@ -57,18 +57,28 @@ def check_atlas(out: Path) -> None:
                          f"build one with `atlas build MODEL --out {out}`")
 
 
+def connect(out: Path, variables: dict[str, str] | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the variables bound, the word macros and the views over `out` defined."""
+    check_atlas(out)
+    con = duckdb.connect()
+    try:
+        for name, value in {"atlas_root": str(out), **(variables or {})}.items():
+            con.execute(f'SET VARIABLE "{name}" = ?', [value])
+        define_word_macros(con)
+        con.execute((SQL_DIR / "views.sql").read_text())
+    except duckdb.Error as e:
+        con.close()
+        raise AtlasError(f"the atlas under {out} cannot be read: {str(e).splitlines()[0]}") from None
+    return con
+
+
 def run_sql(out: Path, sql_file: str | Path, variables: dict[str, str], limit: int | None = None) -> pa.Table:
     """The rows of the file's last statement (earlier ones are executed first), at most `limit` of them."""
     path = find_sql(sql_file)
     sql = path.read_text()
     check_variables(path.name, sql, variables)
-    check_atlas(out)
-    con = duckdb.connect()
+    con = connect(out, variables)
     try:
-        for name, value in {"atlas_root": str(out), **variables}.items():
-            con.execute(f'SET VARIABLE "{name}" = ?', [value])
-        define_word_macros(con)
-        con.execute((SQL_DIR / "views.sql").read_text())
         statements = con.extract_statements(sql)
         if not statements:
             raise AtlasError(f"{path.name} holds no SQL statement")

@@ -8,7 +8,8 @@
 --   matrix   one matrix                             (layer, neuron empty)
 --   layer    one (matrix, layer)                    (neuron empty)
 --   neuron   one of the most changed neurons: lowest Jaccard first, the more specialised (higher
---            max_z in base) first among ties; base_top1 / other_top1 name its two top-1 tokens
+--            max_z in base) first among ties; base_top1 / other_top1 name its two top-1 tokens;
+--            a neuron whose top-1 token and top-k set are both unchanged is never listed
 -- Columns: neurons (compared), same_top1 (how many keep their top-1 token), top1_agreement
 -- (same_top1 / neurons), mean_jaccard (mean over the neurons of |A ∩ B| / |A ∪ B| of top-k sets).
 -- Tokens are compared by token_id, so both models must share a tokenizer. Only neurons present in
@@ -53,6 +54,7 @@ UNION ALL BY NAME
 (SELECT 'neuron' AS level, matrix, layer, neuron, 1 AS neurons, same::INT AS same_top1,
         same::INT AS top1_agreement, jaccard AS mean_jaccard, base_top1, other_top1
  FROM compared
+ WHERE NOT same OR jaccard < 1
  ORDER BY jaccard, base_max_z DESC
  LIMIT coalesce(getvariable('changed')::INT, 20))
 ORDER BY list_position(['overall', 'matrix', 'layer', 'neuron'], level),

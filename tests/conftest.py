@@ -11,6 +11,7 @@ from click.testing import CliRunner, Result
 
 from pipeline.cli import cli
 from tests import tiny_models
+from tests.synthetic_atlas import K, synthetic_models
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +32,13 @@ def model_dir(tmp_path_factory):
 def run_cli(*args: str | Path) -> Result:
     """Invoke `atlas ...` in-process; stdout and stderr stay apart (click >= 8.2)."""
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def atlas(model_dir, tmp_path_factory) -> Path:
+    """OUT with the atlases of tests/synthetic_atlas.py's three models, named base, instruct, planted."""
+    root = tmp_path_factory.mktemp("synthetic")
+    out = root / "out"
+    for name, folder in synthetic_models(model_dir("llama", tie=True), root).items():
+        assert run_cli("build", folder, "--out", out, "--name", name, "-k", K, "-q").exit_code == 0
+    return out

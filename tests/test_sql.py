@@ -1,36 +1,20 @@
-"""The SQL in sql/ run for real over tiny atlases: a base model, an "instruct" copy with known `up`
-rows moved to other tokens, and a copy with planted concept neurons; expectations come from the
-Parquet files or the weights, never from the SQL under test."""
+"""The SQL in sql/ run for real over the tiny atlases of tests/synthetic_atlas.py (the `atlas`
+fixture); expectations come from the Parquet files or the weights, never from the SQL under test."""
 from __future__ import annotations
 
 import csv
 import io
 import json
 import re
-import shutil
-from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer
 
 from pipeline.query import SQL_DIR, run_sql
 from pipeline.words import matching_token_ids
 from tests.conftest import run_cli
+from tests.synthetic_atlas import D_FF, K, N_LAYERS, PERTURBED, expected_comparison, read_table
 
-K = 5
-N_LAYERS, D_FF = 3, 48  # tiny_models defaults
-# (layer, neuron) whose `up` row the instruct copy points at another token
-PERTURBED = {(0, 3), (0, 17), (0, 40), (2, 5), (2, 33)}
-# (matrix, layer, neuron) -> (token, sign) planted in the "planted" copy
-PLANTED = {
-    ("down", 1, 3): (" dog", 1), ("down", 2, 5): (" dogs", 1), ("down", 0, 9): (" dog", -1),
-    ("down", 1, 7): (" cat", 1), ("up", 2, 11): (" water", 1), ("down", 2, 11): (" water", 1),
-    ("down", 0, 13): (" water", -1),
-}
 # variables that make every file of sql/ return rows on the fixture's atlases
 VARS = {
     "top_tokens": {"layer": "1", "neuron": "3", "model": "planted"},
@@ -40,61 +24,9 @@ VARS = {
     "clamp_candidates": {"concept": "water"},
     "layer_summary": {},
     "glitch_tokens": {"min_neurons": "2"},
+    "specialised_neurons": {"model": "planted", "per_layer": "1"},
 }
 SQL_FILES = sorted(p for p in SQL_DIR.glob("*.sql") if p.name not in ("views.sql", "words.sql"))
-
-
-def edited_copy(folder: Path, dest: Path, vectors: dict[tuple[str, int, int], torch.Tensor]) -> Path:
-    """A copy of a saved llama with some neuron vectors replaced: `up`/`gate` rows, `down` columns."""
-    shutil.copytree(folder, dest)
-    path = dest / "model.safetensors"
-    tensors = load_file(path)
-    for (matrix, layer, neuron), vector in vectors.items():
-        weight = tensors[f"model.layers.{layer}.mlp.{matrix}_proj.weight"]
-        if matrix == "down":
-            weight[:, neuron] = vector
-        else:
-            weight[neuron] = vector
-    save_file(tensors, path, metadata={"format": "pt"})
-    return dest
-
-
-@pytest.fixture(scope="module")
-def atlas(model_dir, tmp_path_factory) -> Path:
-    """OUT with three atlases of a tied tiny llama (its embedding is its LM head): base, instruct, planted."""
-    base = model_dir("llama", tie=True)
-    root = tmp_path_factory.mktemp("sql")
-    tensors = load_file(base / "model.safetensors")
-    embedding = tensors["model.embed_tokens.weight"]  # [vocab, d_model]
-    # each embedding row decodes to its own token first, so a neuron set to 3 × row t has top-1 t
-    assert torch.equal((embedding @ embedding.T).argmax(1), torch.arange(len(embedding)))
-    moved = {}
-    for layer, neuron in PERTURBED:
-        top1 = int((embedding @ tensors[f"model.layers.{layer}.mlp.up_proj.weight"][neuron]).argmax())
-        moved["up", layer, neuron] = 3 * embedding[(top1 + 1) % len(embedding)]
-    tok = AutoTokenizer.from_pretrained(base)
-    planted = {key: sign * 3 * embedding[tok.convert_tokens_to_ids(tok.tokenize(text))[0]]
-               for key, (text, sign) in PLANTED.items()}
-    out = root / "out"
-    for name, folder in (("base", base), ("instruct", edited_copy(base, root / "instruct", moved)),
-                         ("planted", edited_copy(base, root / "planted", planted))):
-        assert run_cli("build", folder, "--out", out, "--name", name, "-k", K, "-q").exit_code == 0
-    return out
-
-
-def read_table(out: Path, table: str, model: str) -> pa.Table:
-    return pa.concat_tables(pq.read_table(p) for p in sorted((out / table / f"model={model}").rglob("*.parquet")))
-
-
-def expected_comparison(out: Path):
-    """Per neuron, from the two atlases' Parquet: same top-1 token id, Jaccard of the top-k id sets."""
-    key = ["matrix", "layer", "neuron"]
-    base, other = (read_table(out, "neurons", m).to_pandas().set_index(key).top1_token_id for m in ("base", "instruct"))
-    frame = (base == other.loc[base.index]).rename("same").to_frame()
-    sets = [read_table(out, "atlas", m).to_pandas().query("side == 'top'").groupby(key).token_id.agg(set)
-            for m in ("base", "instruct")]
-    frame["jaccard"] = [len(a & b) / len(a | b) for a, b in zip(sets[0].loc[frame.index], sets[1].loc[frame.index])]
-    return frame.reset_index()
 
 
 def test_compare_models_agreement_is_exact_overall_per_matrix_and_per_layer(atlas):
@@ -191,6 +123,20 @@ def test_layer_summary_and_glitch_tokens_count_like_the_parquet(atlas):
     counts = neurons.groupby(["matrix", "top1_token_id"]).size()
     assert {(r["matrix"], r["token_id"]): r["neurons"] for r in glitch} == counts[counts >= 3].to_dict()
     assert all(r["share"] == r["neurons"] / (N_LAYERS * D_FF) for r in glitch)
+
+
+def test_specialised_neurons_are_the_highest_max_z_of_each_layer_with_their_tokens(atlas):
+    rows = run_sql(atlas, "specialised_neurons", {"model": "base", "per_layer": "2", "tokens": "3"}).to_pylist()
+    neurons = read_table(atlas, "neurons", "base").to_pandas()
+    ranked = read_table(atlas, "atlas", "base").to_pandas().sort_values("rank")
+    want = (neurons.sort_values(["max_z", "neuron"], ascending=[False, True])
+            .groupby(["matrix", "layer"]).head(2))
+    assert {(r["matrix"], r["layer"], r["neuron"]) for r in rows} == set(zip(want.matrix, want.layer, want.neuron))
+    assert len(rows) == 3 * N_LAYERS * 2
+    for r in rows:
+        mine = ranked[(ranked.matrix == r["matrix"]) & (ranked.layer == r["layer"]) & (ranked.neuron == r["neuron"])]
+        assert r["top_tokens"] == list(mine[mine.side == "top"].token[:3])
+        assert r["bottom_tokens"] == list(mine[mine.side == "bottom"].token[:3])
 
 
 @pytest.mark.parametrize("path", SQL_FILES, ids=lambda p: p.stem)

@@ -115,3 +115,17 @@ def atomic_parquet(path: Path, schema: pa.Schema, metadata: dict) -> Iterator[pq
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a whole file (a plot, a page) under a temporary name and rename it, so it is never half there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def read_kv_metadata(path: Path) -> dict[str, str]:
+    """The `atlas.*` key-value metadata of a Parquet file, keys without the namespace."""
+    raw = pq.read_schema(path).metadata or {}
+    return {k.decode().removeprefix("atlas."): v.decode() for k, v in raw.items() if k.startswith(b"atlas.")}

@@ -113,7 +113,8 @@ def query(sql_file: str, out: Path, var: tuple[str, ...], fmt: str, output: Path
     \b
     FILE is a path, or the name of a file in the repository's sql/ folder:
       compare_models, find_concept, coherent_neurons, clamp_candidates,
-      layer_summary, glitch_tokens, top_tokens (each file's header lists its variables).
+      layer_summary, glitch_tokens, top_tokens, specialised_neurons
+      (each file's header lists its variables).
     The views atlas, neurons and tokens are defined first (sql/views.sql).
 
     Example: atlas query find_concept --var concept=water --var matrix=down
@@ -191,6 +192,11 @@ def report(model: str, out: Path, other: str | None, concepts: tuple[str, ...], 
     path = write_report(ReportConfig(model, out, other, concepts, per_layer), progress=not quiet, log=log)
     if not quiet:
         click.echo(f"wrote {path}")
+
+
+from pipeline.clamp.command import clamp  # noqa: E402
+
+cli.add_command(clamp)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ VARS ?=
 CHROMIUM := /usr/bin/chromium
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help setup atlas test test-fast query compare report clean
+.PHONY: help setup atlas test test-fast query compare report bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -53,6 +53,10 @@ test: $(BIN)/atlas $(CHROMIUM)  ## run the whole test suite (what CI runs)
 
 test-fast: $(BIN)/atlas $(CHROMIUM)  ## the tests without the end-to-end runs on real models
 	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(BIN)/atlas  ## speed and memory against this machine's roofline (bench/README.md)
+	$(BIN)/python bench/atlas_speed.py $(MODEL)
+	$(BIN)/python bench/llama8b_shape.py
 
 clean:  ## remove outputs (keeps .venv)
 	rm -rf $(OUT)

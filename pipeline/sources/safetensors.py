@@ -10,6 +10,8 @@ from safetensors import SafetensorError, safe_open
 from pipeline.errors import AtlasError
 from pipeline.tokens import TokenTable
 
+READ_BYTES = 64 * 2**20  # float32 bytes converted per block when reading a tensor
+
 
 class SafetensorsSource:
     """A model folder as a `WeightSource`; a single `model.safetensors` is a one-shard weight map."""
@@ -64,8 +66,17 @@ class SafetensorsSource:
         return tuple(self._slice(name).get_shape())
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Rows of a tensor as float32, converted a block at a time: a bf16 head never exists twice."""
         sl = self._slice(name)
-        return (sl[:] if rows is None else sl[rows]).to(torch.float32)
+        shape = sl.get_shape()
+        if not shape:
+            return sl[:].to(torch.float32)
+        start, stop, _ = (rows or slice(None)).indices(shape[0])
+        out = torch.empty((max(stop - start, 0), *shape[1:]), dtype=torch.float32)
+        step = max(1, READ_BYTES // max(1, 4 * out[0].numel())) if len(out) else 1
+        for i in range(start, stop, step):
+            out[i - start:min(i + step, stop) - start] = sl[i:min(i + step, stop)]
+        return out
 
     def files(self) -> list[Path]:
         return sorted(set(self._where.values()))

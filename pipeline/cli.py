@@ -13,10 +13,9 @@ import click
 from pipeline import __version__
 from pipeline.config import DTYPES, NORMS, AtlasConfig, parse_layers, parse_matrices
 from pipeline.errors import AtlasError
+from pipeline.options import OUT_OPTION
 from pipeline.sources.embedded import DEFAULT_MODEL
 
-OUT_OPTION = click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs"),
-                          show_default=True, help="Root folder of all outputs.")
 
 
 class AtlasGroup(click.Group):

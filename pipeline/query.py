@@ -41,7 +41,7 @@ def find_sql(name: str | Path) -> Path:
 def check_variables(name: str, sql: str, given: dict[str, str]) -> None:
     """Fail before running on a variable the file never reads, or a required one not given."""
     code = _COMMENT.sub("", sql)
-    reads = Counter(_READ.findall(code))
+    reads = Counter(name for name in _READ.findall(code) if name != "atlas_root")  # always set, from --out
     if unknown := sorted(set(given) - set(reads)):
         known = ", ".join(sorted(reads)) or "none"
         raise AtlasError(f"{name} reads no variable {', '.join(unknown)} (it reads: {known})")

@@ -5,15 +5,19 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.atlas import certified
+from pipeline.atlas.certified import FastHead
 from pipeline.atlas.project import Head, fold_gain, project_block, z_scores
 
 
 def reference(vectors: torch.Tensor, head: torch.Tensor, k: int):
-    """Full logit matrix in float64, sorted with numpy's lexsort: the definition of the atlas order."""
+    """The definition of the atlas order: exact logits (float64) rounded to the stored fp32, sorted with
+    numpy's lexsort by value, then by lower id."""
     logits = (vectors.double() @ head.double().T).numpy()
+    stored = logits.astype(np.float32)
     ids = np.arange(head.shape[0])
-    top = np.stack([np.lexsort((ids, -row))[:k] for row in logits])
-    bottom = np.stack([np.lexsort((ids, row))[:k] for row in logits])
+    top = np.stack([np.lexsort((ids, -row))[:k] for row in stored])
+    bottom = np.stack([np.lexsort((ids, row))[:k] for row in stored])
     return logits, top, bottom
 
 
@@ -72,3 +76,59 @@ def test_centering_equals_centering_each_token_column_over_the_layer():
     folded = fold_gain(vectors, gain, center=True)
     logits = (vectors * gain) @ head.T
     torch.testing.assert_close(folded @ head.T, logits - logits.mean(0, keepdim=True), rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_error_bound_holds_for_every_logit():
+    g = torch.Generator().manual_seed(3)
+    head, vectors = torch.randn(5000, 96, generator=g), torch.randn(40, 96, generator=g) * 3
+    low = FastHead.from_weight(head, torch.bfloat16)
+    approx = (vectors.to(torch.bfloat16) @ low.weight.T).float()
+    exact = vectors.double() @ head.double().T
+    eps = certified.error_bound(vectors, low, approx.abs().max(1).values)
+    slack = eps.double()[:, None] - (exact - approx.double()).abs()
+    assert (slack >= 0).all() and ((exact - approx.double()).abs().max(1).values > eps.double() / 20).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("candidates", [2, 13, 64, 128])
+def test_fp32_and_bf16_paths_give_the_exact_atlas(head_with_ties, candidates, dtype):
+    """Candidates + exact re-score equal the float64 reference, near-ties and fallbacks included."""
+    head = head_with_ties.clone()
+    g = torch.Generator().manual_seed(2)
+    head[100:110] = head[50] + 1e-4 * torch.randn(10, 48, generator=g)  # closer than bf16 can tell apart
+    vectors = torch.randn(64, 48, generator=g)
+    vectors[5] = 0
+    vectors[9] = head_with_ties[3]
+    vectors[20] = head[50] * 2  # its top tokens are the near-tied rows
+    p = project_block(vectors, Head.from_weight(head, dtype), k=12, chunk=1000, candidates=candidates)
+    logits, top, bottom = reference(vectors, head, 12)
+    assert np.array_equal(p.top_ids.numpy(), top) and np.array_equal(p.bottom_ids.numpy(), bottom)
+    np.testing.assert_allclose(p.top_logits.numpy(), np.take_along_axis(logits, top, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(p.bottom_logits.numpy(), np.take_along_axis(logits, bottom, 1), rtol=1e-5, atol=1e-5)
+    assert set(p.top_ids[20, :11].tolist()) == {50, *range(100, 110)}
+
+
+def test_certificate_holds_for_most_neurons_with_enough_candidates(head_with_ties):
+    """The fast path is the common path: with 128 candidates nearly every row is proven exact."""
+    g = torch.Generator().manual_seed(4)
+    vectors = torch.randn(256, 48, generator=g)
+    low = FastHead.from_weight(head_with_ties, torch.bfloat16)
+    tv, _, bv, _ = certified.candidates(vectors, low, 128, 1000)
+    eps = certified.error_bound(vectors, low, torch.maximum(tv[:, 0].abs(), bv[:, 0].abs()))
+    ok = certified.certified(tv, 20, eps, 3000) & certified.certified(bv, 20, eps, 3000)
+    narrow = certified.certified(tv[:, :21], 20, eps, 3000)
+    assert ok.float().mean() > 0.9 and narrow.float().mean() < ok.float().mean()
+
+
+def test_logits_within_fp32_rounding_are_ordered_by_their_true_values():
+    """Rows one ulp apart: a plain fp32 product orders them by its rounding errors, the atlas by the true
+    logits as stored (equal after rounding → lower id first)."""
+    g = torch.Generator().manual_seed(5)
+    head = torch.randn(2000, 64, generator=g)
+    for i in range(100, 140, 2):
+        head[i + 1] = head[i]
+        head[i + 1, 7] = torch.nextafter(head[i, 7], torch.tensor(10.0))  # one ulp apart in one coordinate
+    vectors = head[100:140:2] * 1.5
+    p = project_block(vectors, Head.from_weight(head), k=4)
+    _, top, _ = reference(vectors, head, 4)
+    assert np.array_equal(p.top_ids.numpy(), top)

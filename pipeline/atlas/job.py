@@ -27,14 +27,16 @@ from tqdm import tqdm
 from pipeline import __version__
 from pipeline.arch import ArchAdapter
 from pipeline.atlas import schema
+from pipeline.atlas.certified import exact_matmul, fastest_dtype
 from pipeline.atlas.project import Head, Projection, fold_gain, project_block
 from pipeline.config import AtlasConfig
+from pipeline.device import torch_device
 from pipeline.errors import AtlasError
 from pipeline.sources import open_source, resolve
 from pipeline.sources.base import source_sha256
 from pipeline.tokens import TokenTable
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: order by the exact logit rounded to fp32 (certified.py), on any dtype
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,10 @@ class AtlasJob:
         self.model = cfg.name or resolved.slug
         self.layers = self._check_layers(cfg.layers)
         self.matrices = self._check_matrices(cfg.matrices)
-        self.device = self._check_device(cfg.device)
-        self.dtype = "float32" if cfg.dtype == "auto" else cfg.dtype
+        self.device = torch_device(cfg.device)
         self.vocab, self.d_model = self.adapter.head_shape()
+        self.dtype = (str(fastest_dtype(self.device, self.d_model, self.vocab)).removeprefix("torch.")
+                      if cfg.dtype == "auto" else cfg.dtype)
         self.tokens = fit_tokens(self.source.token_table(), self.vocab)
         self.state = cfg.out / ".state" / "atlas" / self.model
         self.sha256 = source_sha256(self.source, cfg.out / ".state" / "sha256.json")
@@ -98,20 +101,11 @@ class AtlasJob:
                              f"they have {', '.join(self.adapter.matrices)}")
         return matrices or self.adapter.matrices
 
-    @staticmethod
-    def _check_device(device: str) -> torch.device:
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise AtlasError(f"unknown device {device!r}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise AtlasError("--device cuda was asked for, but torch sees no CUDA device here")
-        return dev
-
     def settings(self) -> dict:
-        """Everything the numbers depend on; a resumed run must agree with the partitions it keeps."""
+        """Everything the numbers depend on; a resumed run must agree with the partitions it keeps.
+        The compute dtype is not among them: every dtype gives the same, exact atlas."""
         return {"format": FORMAT_VERSION, "source_sha256": self.sha256, "k": self.cfg.k,
-                "norm": self.cfg.norm, "center": self.cfg.center, "dtype": self.dtype}
+                "norm": self.cfg.norm, "center": self.cfg.center}
 
     def provenance(self) -> dict:
         a = self.adapter
@@ -196,7 +190,7 @@ class AtlasJob:
         weight = self.adapter.head()
         if self.cfg.norm in ("final", "both"):
             weight = weight * self.adapter.gain("final_norm")  # W_U (g ⊙ w) = (W_U ⊙ g) w
-        return Head.from_weight(weight.to(self.device))
+        return Head.from_weight(weight.to(self.device), getattr(torch, self.dtype))
 
     def _project(self, vectors: torch.Tensor, norms: torch.Tensor, head: Head) -> list[Projection]:
         """Project in blocks; `norm` reports the stored weight vector's length, whatever was folded in."""
@@ -224,6 +218,10 @@ class AtlasJob:
         os.replace(tmp, marker)
 
     def _execute(self, todo: list[Partition], progress: bool) -> None:
+        with exact_matmul():
+            self._execute_exactly(todo, progress)
+
+    def _execute_exactly(self, todo: list[Partition], progress: bool) -> None:
         head = self._head()
         texts = pa.array(self.tokens.text, pa.string())
         bar = tqdm(total=len(todo), desc=f"atlas {self.model}", unit="part", file=sys.stderr,

@@ -1,10 +1,12 @@
 """Neuron vectors through the LM head: top-k and bottom-k tokens, and logit statistics. Pure math.
 
 For a block of neuron vectors `W` `[n, d]` and the head `W_U` `[V, d]`, the logits are `W W_Uᵀ`
-(Davies 2025; Geva et al. 2022). They are computed one vocabulary chunk at a time, so a chunk of logits
-stays in cache while its top-k is taken, and merged into a running top-k. Order is by logit, then by
-lower token id: identical head rows (tied special tokens) and all-zero vectors give exact ties, and the
-rule makes the result deterministic whatever the chunking.
+(Davies 2025; Geva et al. 2022). They are computed one vocabulary chunk at a time in the compute dtype
+(fp32, or bf16 where the machine multiplies faster in it), so a chunk of logits stays in cache while its
+top candidates are taken; the candidates are then re-scored exactly and proven to contain the true
+top-k (certified.py). Order is by logit (its exact value rounded to the stored fp32), then by lower token
+id: identical head rows (tied special tokens) and all-zero vectors give exact ties, and the rule makes
+the result deterministic whatever the chunking, dtype or device.
 
 Mean and variance over the vocabulary need no logit matrix: `mean = w·μ`, `var = wᵀ Σ w`, with `μ`
 and `Σ` the mean and (population) covariance of the head's rows, computed once per head.
@@ -15,7 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.atlas import certified
+from pipeline.atlas.certified import FastHead
+
 VOCAB_CHUNK = 8192
+EXTRA_CANDIDATES = {torch.float32: 8, torch.bfloat16: 128}  # beyond k: >99% of SmolLM2 rows certify
 
 
 @dataclass(frozen=True)
@@ -25,9 +31,10 @@ class Head:
     weight: torch.Tensor  # [V, d] float32
     mean: torch.Tensor  # [d]    mean of the rows
     cov: torch.Tensor  # [d, d] population covariance of the rows
+    fast: FastHead  # the head in the compute dtype, for the candidate pass
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, chunk: int = VOCAB_CHUNK) -> Head:
+    def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype = torch.float32, chunk: int = VOCAB_CHUNK) -> Head:
         """Row mean and covariance, accumulated in float64 over chunks (the head can be GBs)."""
         weight = weight.float()
         vocab, d = weight.shape
@@ -36,7 +43,7 @@ class Head:
         for i in range(0, vocab, chunk):
             c = weight[i:i + chunk] - mean  # [chunk, d]
             cov += (c.T @ c).double()
-        return cls(weight, mean, (cov / vocab).float())
+        return cls(weight, mean, (cov / vocab).float(), FastHead.from_weight(weight, dtype, chunk))
 
 
 @dataclass(frozen=True)
@@ -65,20 +72,40 @@ def fold_gain(vectors: torch.Tensor, gain: torch.Tensor | None, center: bool) ->
     return vectors
 
 
-def project_block(vectors: torch.Tensor, head: Head, k: int, chunk: int = VOCAB_CHUNK) -> Projection:
-    """Project `[n, d]` vectors through the head and keep the top-k and bottom-k tokens of each."""
+def project_block(vectors: torch.Tensor, head: Head, k: int, chunk: int = VOCAB_CHUNK,
+                  candidates: int | None = None) -> Projection:
+    """Project `[n, d]` vectors through the head and keep the top-k and bottom-k tokens of each.
+
+    The product runs in the head's compute dtype and proposes `candidates` tokens per side, which are
+    re-scored exactly (certified.py); rows the error bound cannot settle are recomputed in float64.
+    """
     vocab = head.weight.shape[0]
     k = min(k, vocab)
+    c = min(vocab, candidates or k + EXTRA_CANDIDATES[head.fast.dtype])
+    tv, ti, bv, bi = certified.candidates(vectors, head.fast, max(c, k), chunk)
+    eps = certified.error_bound(vectors, head.fast, torch.maximum(tv[:, 0].abs(), bv[:, 0].abs()))
+    ok = certified.certified(tv, k, eps, vocab) & certified.certified(bv, k, eps, vocab)
+    top = _sort_by_value_then_id(certified.rescore(vectors, head.weight, ti), ti)
+    bottom = _sort_by_value_then_id(-certified.rescore(vectors, head.weight, bi), bi)
+    tv, ti, bv, bi = top[0][:, :k], top[1][:, :k], bottom[0][:, :k], bottom[1][:, :k]
+    if not ok.all():
+        rows = (~ok).nonzero().squeeze(1)
+        (tv[rows], ti[rows]), (bv[rows], bi[rows]) = _float64_topk(vectors[rows], head.weight, k, chunk)
+    var = ((vectors @ head.cov) * vectors).sum(1)
+    return Projection(ti, tv, bi, -bv, vectors @ head.mean, var.clamp_min(0).sqrt(), vectors.norm(dim=1))
+
+
+def _float64_topk(vectors: torch.Tensor, weight: torch.Tensor, k: int, chunk: int):
+    """Top-k of the logits (float64 sums, rounded to fp32) and of their negation, ties by lower id."""
     top = bottom = None
-    for start in range(0, vocab, chunk):
-        logits = vectors @ head.weight[start:start + chunk].T  # [n, chunk]
+    v = vectors.double()
+    for start in range(0, weight.shape[0], chunk):
+        logits = (v @ weight[start:start + chunk].double().T).float()  # [n, chunk]
         t = _chunk_topk(logits, k, start)
         b = _chunk_topk(-logits, k, start)
         top = t if top is None else _merge(top, t, k)
         bottom = b if bottom is None else _merge(bottom, b, k)
-    var = ((vectors @ head.cov) * vectors).sum(1)
-    return Projection(top[1], top[0], bottom[1], -bottom[0], vectors @ head.mean,
-                      var.clamp_min(0).sqrt(), vectors.norm(dim=1))
+    return top, bottom
 
 
 def z_scores(logits: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

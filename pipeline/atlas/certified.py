@@ -1,0 +1,138 @@
+"""Exact top-k at the speed of the fastest product: a candidate pass, a proven error bound, a re-score.
+
+The product over the whole vocabulary runs in the compute dtype (fp32, or bf16 where it is faster) and
+only *proposes* candidates; a near-tie can come out in the wrong order in either. For neuron `w` and
+head row `h`, with copies in the compute dtype `ŵ = w − δw`, `ĥ = h − δh` (δ = 0 in fp32), the
+product accumulated in fp32 and rounded once to the output dtype (unit roundoff u: 2⁻⁸ for bf16, 0
+for fp32, whose rounding the accumulation term covers), each approximate logit `a` obeys
+
+    |w·h − a| ≤ ‖ŵ‖‖δh‖ + ‖δw‖(‖ĥ‖ + ‖δh‖) + γ_d ‖ŵ‖‖ĥ‖ + u|w·h|,      γ_d = d·2⁻²⁴ / (1 − d·2⁻²⁴)
+
+(Cauchy–Schwarz on the rounding terms; Higham's bound for an fp32 dot product of length d). The
+maxima over the vocabulary give one bound ε per neuron. Keep the c > k best approximate tokens: any
+other token t has a_t ≤ a_c, so if a_c < a_k − 2ε then w·h_t ≤ a_t + ε < a_k − ε, below k kept
+tokens' true logits: t is not in the exact top-k. The candidates are re-scored with float64 sums and
+ordered by (value desc, id asc); rows where the margin does not hold (ties at the cut, dead neurons)
+are recomputed in float64 over the whole vocabulary. Either way the atlas is the same on every device
+and dtype: the order of the true logits, stored in fp32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+U_BF16 = 2.0 ** -8
+U_FP32 = 2.0 ** -24
+
+
+@dataclass(frozen=True)
+class FastHead:
+    """The head in the compute dtype and the per-row sizes the error bound needs, prepared once per model."""
+
+    weight: torch.Tensor  # [V, d] in the compute dtype (the fp32 head itself when that is fp32)
+    row_norm: float  # max ‖ĥ‖
+    row_error: float  # max ‖h − ĥ‖
+    roundoff: float  # unit roundoff of the product's output dtype beyond fp32 accumulation
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype = torch.float32, chunk: int = 8192) -> FastHead:
+        low = weight.to(dtype)
+        norm = err = 0.0
+        for s in range(0, len(weight), chunk):
+            lo = low[s:s + chunk].float()
+            norm = max(norm, float(lo.norm(dim=1).max()))
+            err = max(err, float((weight[s:s + chunk] - lo).norm(dim=1).max()))
+        return cls(low, norm, err, U_BF16 if dtype == torch.bfloat16 else 0.0)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+
+def error_bound(vectors: torch.Tensor, fast: FastHead, max_abs_logit: torch.Tensor) -> torch.Tensor:
+    """`[n]` bound on |exact − approximate| logit for each neuron over the whole vocabulary."""
+    d = vectors.shape[1]
+    v_low = vectors.to(fast.dtype).float()
+    v_norm, v_err = v_low.norm(dim=1), (vectors - v_low).norm(dim=1)
+    gamma = d * U_FP32 / (1 - d * U_FP32)
+    pre = v_norm * fast.row_error + v_err * (fast.row_norm + fast.row_error) + gamma * v_norm * fast.row_norm
+    # output rounding: u·|exact| ≤ u·(|a| + pre), |a| at most the largest |a| seen; /(1−u) covers the rest
+    u = fast.roundoff
+    return (pre + u * (max_abs_logit + pre)) / (1 - u)
+
+
+def candidates(vectors: torch.Tensor, fast: FastHead, c: int, chunk: int) -> tuple[torch.Tensor, ...]:
+    """Approximate top-c and bottom-c (values, ids) over the vocabulary, one chunk at a time."""
+    v = vectors.to(fast.dtype)
+    top = bottom = None
+    for s in range(0, fast.weight.shape[0], chunk):
+        a = (v @ fast.weight[s:s + chunk].T).float()  # [n, chunk]
+        cc = min(c, a.shape[1])
+        t, b = a.topk(cc, dim=1), (-a).topk(cc, dim=1)
+        t, b = (t.values, t.indices + s), (b.values, b.indices + s)
+        top = t if top is None else _keep(top, t, c)
+        bottom = b if bottom is None else _keep(bottom, b, c)
+    return top[0], top[1], bottom[0], bottom[1]
+
+
+def _keep(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], c: int):
+    vals, ids = torch.cat([a[0], b[0]], 1), torch.cat([a[1], b[1]], 1)
+    vals, perm = vals.topk(min(c, vals.shape[1]), dim=1)
+    return vals, ids.gather(1, perm)
+
+
+def certified(approx: torch.Tensor, k: int, eps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """`[n]` bool: the c candidates provably hold the exact top-k (approx sorted descending)."""
+    if approx.shape[1] >= vocab:
+        return torch.ones(approx.shape[0], dtype=torch.bool)
+    return approx[:, -1] < approx[:, k - 1] - 2 * eps
+
+
+def rescore(vectors: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, rows: int = 16) -> torch.Tensor:
+    """Logits `[n, c]` of each neuron for its own candidate ids, summed in float64 (identical head rows
+    give identical values whatever a kernel's summation order) and stored in fp32."""
+    out = torch.empty(ids.shape, dtype=torch.float32, device=vectors.device)
+    for s in range(0, len(ids), rows):
+        picked = weight[ids[s:s + rows]].double()  # [rows, c, d]
+        out[s:s + rows] = torch.bmm(picked, vectors[s:s + rows, :, None].double()).squeeze(2).float()
+    return out
+
+
+def fastest_dtype(device: torch.device, d_model: int, vocab: int) -> torch.dtype:
+    """bf16 where this device multiplies the atlas's shapes clearly faster in it (GPUs, AMX CPUs), else fp32.
+
+    Measured, not assumed: an AVX2-only CPU runs bf16 several times slower than fp32, an AMX CPU
+    several times faster. bf16 must win by 1.5× to pay for its wider candidate set.
+    """
+    if device.type == "cuda":
+        return torch.bfloat16
+    a = torch.randn(256, d_model, device=device)
+    b = torch.randn(min(vocab, 4096), d_model, device=device)
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y.T  # warm-up
+        runs = []
+        for _ in range(5):  # the best of five: the least disturbed by whatever else the machine runs
+            t0 = time.perf_counter()
+            x @ y.T
+            runs.append(time.perf_counter() - t0)
+        seconds[dtype] = min(runs)
+    return torch.bfloat16 if seconds[torch.bfloat16] * 1.5 < seconds[torch.float32] else torch.float32
+
+
+@contextmanager
+def exact_matmul() -> Iterator[None]:
+    """The bound assumes fp32 accumulation: no TF32 inputs and no reduced-precision bf16 sums on CUDA."""
+    flags = torch.backends.cuda.matmul
+    saved = flags.allow_tf32, flags.allow_bf16_reduced_precision_reduction
+    flags.allow_tf32, flags.allow_bf16_reduced_precision_reduction = False, False
+    try:
+        yield
+    finally:
+        flags.allow_tf32, flags.allow_bf16_reduced_precision_reduction = saved

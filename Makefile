@@ -49,7 +49,7 @@ report: $(BIN)/atlas  ## HTML report on MODEL into OUT/report/ (ARGS="--concept 
 	$(BIN)/atlas report $(MODEL) --out $(OUT) $(ARGS)
 
 test: $(BIN)/atlas $(CHROMIUM)  ## run the whole test suite (what CI runs)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 test-fast: $(BIN)/atlas $(CHROMIUM)  ## the tests without the end-to-end runs on real models
 	$(BIN)/python -m pytest -q -m "not slow"

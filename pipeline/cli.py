@@ -112,8 +112,8 @@ def query(sql_file: str, out: Path, var: tuple[str, ...], fmt: str, output: Path
     \b
     FILE is a path, or the name of a file in the repository's sql/ folder:
       compare_models, find_concept, coherent_neurons, clamp_candidates,
-      layer_summary, glitch_tokens, top_tokens, specialised_neurons
-      (each file's header lists its variables).
+      layer_summary, glitch_tokens, top_tokens, specialised_neurons,
+      attributed_neurons (each file's header lists its variables).
     The views atlas, neurons and tokens are defined first (sql/views.sql).
 
     Example: atlas query find_concept --var concept=water --var matrix=down
@@ -196,6 +196,11 @@ def report(model: str, out: Path, other: str | None, concepts: tuple[str, ...], 
 from pipeline.clamp.command import clamp  # noqa: E402
 
 cli.add_command(clamp)
+
+from pipeline.attribution.command import attribute, evaluate  # noqa: E402
+
+cli.add_command(attribute)
+cli.add_command(evaluate)
 
 
 def main() -> None:

@@ -61,10 +61,20 @@ class AtlasConfig:
             raise AtlasError(f"unknown dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
         if self.block_size < 1:
             raise AtlasError(f"block size must be positive, got {self.block_size}")
-        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
-            raise AtlasError(f"invalid model name {self.name!r}: use letters, digits, '.', '_' and '-'")
+        check_name(self.name)
 
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d["out"] = str(self.out)
-        return d
+        return config_dict(self)
+
+
+def check_name(name: str | None) -> None:
+    """A `--name` for a model in the outputs must be safe in a path and a hive partition value."""
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise AtlasError(f"invalid model name {name!r}: use letters, digits, '.', '_' and '-'")
+
+
+def config_dict(cfg) -> dict:
+    """A job config, JSON-ready, for the outputs' metadata."""
+    d = asdict(cfg)
+    d["out"] = str(d["out"])
+    return d

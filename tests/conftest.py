@@ -36,9 +36,15 @@ def run_cli(*args: str | Path) -> Result:
 
 @pytest.fixture(scope="session")
 def atlas(model_dir, tmp_path_factory) -> Path:
-    """OUT with the atlases of tests/synthetic_atlas.py's three models, named base, instruct, planted."""
+    """OUT with the atlases of tests/synthetic_atlas.py's three models, named base, instruct, planted,
+    and one attribution run on planted (so that every file of sql/ has something to read)."""
     root = tmp_path_factory.mktemp("synthetic")
     out = root / "out"
-    for name, folder in synthetic_models(model_dir("llama", tie=True), root).items():
+    models = synthetic_models(model_dir("llama", tie=True), root)
+    for name, folder in models.items():
         assert run_cli("build", folder, "--out", out, "--name", name, "-k", K, "-q").exit_code == 0
+    prompts = root / "water.jsonl"
+    prompts.write_text('{"prompt": "The dog drinks", "target": " water"}\n')
+    assert run_cli("attribute", models["planted"], "--prompts", prompts, "--out", out, "--name", "planted",
+                   "-q").exit_code == 0
     return out

@@ -25,6 +25,7 @@ VARS = {
     "layer_summary": {},
     "glitch_tokens": {"min_neurons": "2"},
     "specialised_neurons": {"model": "planted", "per_layer": "1"},
+    "attributed_neurons": {"concept": "water"},
 }
 SQL_FILES = sorted(p for p in SQL_DIR.glob("*.sql") if p.name not in ("views.sql", "words.sql"))
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.attribution import layers as L
+from pipeline.attribution.config import METHOD_NAMES
 from pipeline.attribution.rules import ATTNLRP, GIM, PLAIN, RuleSet, installed
 from pipeline.attribution.targets import Target
 from pipeline.errors import AtlasError
@@ -40,9 +41,6 @@ class Method:
             raise AtlasError(f"method {self.name}: steps must be at least 1, got {self.steps}")
 
 
-METHOD_NAMES = ("grad_x_act", "ig", "gim", "attnlrp")
-
-
 def method(name: str, steps: int = 5) -> Method:
     """A named method; `steps` matters only for integrated gradients."""
     rules = {"grad_x_act": PLAIN, "ig": PLAIN, "gim": GIM, "attnlrp": ATTNLRP}.get(name)
@@ -59,6 +57,7 @@ class Attribution:
     neurons: torch.Tensor  # [n_layers, d_ff]
     metric: float  # f(x), the target on the prompt
     baseline_metric: float | None  # f(x'), where a baseline run was made
+    activations: torch.Tensor  # [n_layers, d_ff], each neuron's mean activation over the prompt's positions
 
 
 @contextmanager
@@ -125,7 +124,9 @@ def attribute(model: nn.Module, input_ids: torch.Tensor, target: Target, how: Me
         deltas = [a[0].to(work) for a in acts]
     tokens = ((clean[0] - base[0]).to(work) * grad_e).sum(-1) / how.steps
     neurons = torch.stack([(d * g).sum(0) for d, g in zip(deltas, grad_h)]) / how.steps
-    return Attribution(tokens, neurons, float(metric[0]), None if base_metric is None else float(base_metric[0]))
+    mean_acts = torch.stack([a[0].to(work).mean(0) for a in acts])
+    return Attribution(tokens, neurons, float(metric[0]), None if base_metric is None else float(base_metric[0]),
+                       mean_acts)
 
 
 def neuron_means(model: nn.Module, prompts: list[torch.Tensor]) -> torch.Tensor:

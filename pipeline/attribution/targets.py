@@ -52,12 +52,18 @@ def token_id(tokenizer, word: str) -> int:
     return ids[0]
 
 
-def space_baseline(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
-    """`input_ids` `[..., seq]` with every token but special ones and the first replaced by the space token."""
+def space_token(tokenizer) -> int:
+    """The single-space token, the GIM paper's baseline token."""
     space = tokenizer.encode(" ", add_special_tokens=False)
     if len(space) != 1:
         raise AtlasError(f"the tokenizer spells a single space as {len(space)} tokens; no space baseline")
+    return space[0]
+
+
+def space_baseline(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
+    """`input_ids` `[..., seq]` with every token but special ones and the first replaced by the space token."""
+    space = space_token(tokenizer)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=input_ids.dtype)
     keep = torch.isin(input_ids, special)
     keep[..., 0] = True
-    return torch.where(keep, input_ids, torch.full_like(input_ids, space[0]))
+    return torch.where(keep, input_ids, torch.full_like(input_ids, space))

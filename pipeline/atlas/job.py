@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
@@ -81,8 +82,6 @@ class AtlasJob:
         self.matrices = self._check_matrices(cfg.matrices)
         self.device = torch_device(cfg.device)
         self.vocab, self.d_model = self.adapter.head_shape()
-        self.dtype = (str(fastest_dtype(self.device, self.d_model, self.vocab)).removeprefix("torch.")
-                      if cfg.dtype == "auto" else cfg.dtype)
         self.tokens = fit_tokens(self.source.token_table(), self.vocab)
         self.state = cfg.out / ".state" / "atlas" / self.model
         self.sha256 = source_sha256(self.source, cfg.out / ".state" / "sha256.json")
@@ -100,6 +99,13 @@ class AtlasJob:
             raise AtlasError(f"{self.adapter.family.name} MLPs have no {missing[0]!r} matrix; "
                              f"they have {', '.join(self.adapter.matrices)}")
         return matrices or self.adapter.matrices
+
+    @cached_property
+    def dtype(self) -> str:
+        """The compute dtype; `auto` is measured only when there is something to compute."""
+        if self.cfg.dtype != "auto":
+            return self.cfg.dtype
+        return str(fastest_dtype(self.device, self.d_model, self.vocab)).removeprefix("torch.")
 
     def settings(self) -> dict:
         """Everything the numbers depend on; a resumed run must agree with the partitions it keeps.

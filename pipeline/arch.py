@@ -65,6 +65,11 @@ _GGUF = {"up": "blk.{l}.ffn_up.weight", "gate": "blk.{l}.ffn_gate.weight", "down
          "embed": "token_embd.weight", "head": "output.weight"}
 
 
+def live_family(model_type: str) -> Family:
+    """The family of a live transformers model: HF module names, whatever file it was loaded from."""
+    return family_for(model_type, "safetensors")
+
+
 def family_for(model_type: str, source_format: str) -> Family:
     """The family declaration for a config `model_type` (or a GGUF architecture name)."""
     for fam in FAMILIES:

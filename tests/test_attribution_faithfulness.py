@@ -6,9 +6,9 @@ import torch
 
 from pipeline.attribution import estimators as E
 from pipeline.attribution import faithfulness as F
-from pipeline.attribution import layers as L
 from pipeline.attribution.targets import Target, space_baseline
 from pipeline.errors import AtlasError
+from pipeline.live.hooks import mlps
 from tests import tiny_models
 
 PROMPT = "The dog drinks water from the river in California"
@@ -78,13 +78,13 @@ def test_ablation_curve_matches_one_at_a_time_reference(tiny, mode):
         chosen[order[:k]] = True
         chosen = chosen.reshape(scores.shape)
         handles = []
-        for index, layer in enumerate(L.decoder_layers(model)):
+        for index, mlp in enumerate(mlps(model)):
             fill = means[index].double() if mode == "mean" else torch.zeros((), dtype=torch.float64)
 
             def hook(_m, args, index=index, fill=fill, chosen=chosen):
                 return (torch.where(chosen[index], fill, args[0]),)
 
-            handles.append(L.gated_mlp(layer).down_proj.register_forward_pre_hook(hook))
+            handles.append(mlp.down.register_forward_pre_hook(hook))
         try:
             assert drop == pytest.approx(full - _f(model, ids, target), abs=1e-9)
         finally:

@@ -26,6 +26,7 @@ from pipeline.attribution.config import METHOD_NAMES
 from pipeline.attribution.rules import ATTNLRP, GIM, PLAIN, RuleSet, installed
 from pipeline.attribution.targets import Target
 from pipeline.errors import AtlasError
+from pipeline.live.hooks import mlps
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,7 @@ class Attribution:
 def capture_neurons(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Collect each layer's MLP activation (input of down_proj, `[batch, seq, d_ff]`) in layer order."""
     seen: list[torch.Tensor] = []
-    handles = [L.gated_mlp(layer).down_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-               for layer in L.decoder_layers(model)]
+    handles = [mlp.down.register_forward_pre_hook(lambda _m, args: seen.append(args[0])) for mlp in mlps(model)]
     try:
         yield seen
     finally:

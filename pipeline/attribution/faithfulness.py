@@ -21,10 +21,10 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from pipeline.attribution import layers as L
 from pipeline.attribution.estimators import capture_neurons
 from pipeline.attribution.targets import Target
 from pipeline.errors import AtlasError
+from pipeline.live.hooks import mlps
 
 SUFFICIENCY_RATIOS = (0.5, 0.8, 0.9, 0.95, 0.99)
 ABLATION_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -102,7 +102,7 @@ def neuron_ablation_curve(model: nn.Module, input_ids: torch.Tensor, target: Tar
         raise AtlasError(f"ablation mode {mode!r} not in {', '.join(ABLATION_MODES)}")
     if mode == "mean" and means is None:
         raise AtlasError("mean ablation needs the mean activations (estimators.neuron_means)")
-    layers = L.decoder_layers(model)
+    layers = mlps(model)
     n_layers, d_ff = scores.shape
     if n_layers != len(layers):
         raise AtlasError(f"scores cover {n_layers} layers, the model has {len(layers)}")
@@ -115,8 +115,8 @@ def neuron_ablation_curve(model: nn.Module, input_ids: torch.Tensor, target: Tar
         ablate[row, order[:k]] = True
     ablate = ablate.reshape(len(ks), n_layers, d_ff)
     handles = []
-    for index, layer in enumerate(layers):
-        down = L.gated_mlp(layer).down_proj
+    for index, mlp in enumerate(layers):
+        down = mlp.down
 
         def hook(module: nn.Module, args: tuple, index: int = index) -> tuple:
             h = args[0]  # [steps, seq, d_ff]

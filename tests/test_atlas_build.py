@@ -208,3 +208,18 @@ def test_bf16_and_fp32_compute_give_the_identical_atlas(model_dir, tmp_path):
         twin = tmp_path / "bfloat16" / path.relative_to(tmp_path / "float32")
         assert pq.read_table(path).equals(pq.read_table(twin)), path
         assert pq.read_schema(twin).metadata[b"atlas.dtype"] == b"bfloat16"
+
+
+def test_reading_keeps_no_mapping_of_the_checkpoint(model_dir):
+    """Memory stays bounded: a mapped shard's touched pages count in the process until it is unmapped,
+    so after reading every tensor no shard may still be mapped."""
+    from pathlib import Path
+
+    from pipeline.sources import open_source
+
+    source = open_source(model_dir("llama", sharded=True))
+    for name in source.names():
+        assert source.read(name).dtype == torch.float32
+    maps = Path("/proc/self/maps").read_text()
+    assert len(source.files()) > 1
+    assert not [shard for shard in source.files() if str(shard) in maps]

@@ -73,8 +73,8 @@ def candidates(vectors: torch.Tensor, fast: FastHead, c: int, chunk: int) -> tup
     for s in range(0, fast.weight.shape[0], chunk):
         a = (v @ fast.weight[s:s + chunk].T).float()  # [n, chunk]
         cc = min(c, a.shape[1])
-        t, b = a.topk(cc, dim=1), (-a).topk(cc, dim=1)
-        t, b = (t.values, t.indices + s), (b.values, b.indices + s)
+        t, b = a.topk(cc, dim=1), a.topk(cc, dim=1, largest=False)  # no negated copy of the chunk
+        t, b = (t.values, t.indices + s), (-b.values, b.indices + s)
         top = t if top is None else _keep(top, t, c)
         bottom = b if bottom is None else _keep(bottom, b, c)
     return top[0], top[1], bottom[0], bottom[1]

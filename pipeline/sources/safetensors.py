@@ -27,7 +27,7 @@ class SafetensorsSource:
         if not layers:
             raise AtlasError(f"{self.path / 'config.json'}: no num_hidden_layers / n_layer")
         self.n_layers = int(layers)
-        self._handles: dict[Path, object] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         self._where = self._weight_map()
 
     def _weight_map(self) -> dict[str, Path]:
@@ -38,44 +38,53 @@ class SafetensorsSource:
             shards = sorted(self.path.glob("*.safetensors"))
             if not shards:
                 raise AtlasError(f"{self.path}: no .safetensors files (and no model.safetensors.index.json)")
-            weight_map = {name: shard for shard in shards for name in self._open(shard).keys()}
+            weight_map = {name: shard for shard in shards for name in self._header(shard)}
         missing = sorted({str(p.name) for p in weight_map.values() if not p.exists()})
         if missing:
             raise AtlasError(f"{self.path}: shards named in the index are missing: {', '.join(missing)}")
         for shard in set(weight_map.values()):
-            self._open(shard)  # validates every header up front, before any output is written
+            self._header(shard)  # validates every header up front, before any output is written
         return weight_map
 
+    def _header(self, shard: Path) -> dict[str, tuple[int, ...]]:
+        """The shapes a shard holds (recorded for `shape`); one clear line for a corrupt file."""
+        with self._open(shard) as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        self._shapes.update(shapes)
+        return shapes
+
     def _open(self, shard: Path):
-        if shard not in self._handles:
-            try:
-                self._handles[shard] = safe_open(str(shard), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise AtlasError(f"{shard}: corrupt or truncated safetensors file: {e}") from None
-        return self._handles[shard]
+        """A mapping of the shard for one read. Not kept: the pages a mapping has touched count in the
+        process's memory until it is closed, so a kept one would grow to the whole checkpoint."""
+        try:
+            return safe_open(str(shard), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise AtlasError(f"{shard}: corrupt or truncated safetensors file: {e}") from None
 
     def names(self) -> list[str]:
         return list(self._where)
 
-    def _slice(self, name: str):
+    def _check(self, name: str) -> None:
         if name not in self._where:
             raise AtlasError(f"{self.path}: no tensor {name!r} in this checkpoint")
-        return self._open(self._where[name]).get_slice(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        self._check(name)
+        return self._shapes[name]
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """Rows of a tensor as float32, converted a block at a time: a bf16 head never exists twice."""
-        sl = self._slice(name)
-        shape = sl.get_shape()
-        if not shape:
-            return sl[:].to(torch.float32)
-        start, stop, _ = (rows or slice(None)).indices(shape[0])
-        out = torch.empty((max(stop - start, 0), *shape[1:]), dtype=torch.float32)
-        step = max(1, READ_BYTES // max(1, 4 * out[0].numel())) if len(out) else 1
-        for i in range(start, stop, step):
-            out[i - start:min(i + step, stop) - start] = sl[i:min(i + step, stop)]
+        self._check(name)
+        with self._open(self._where[name]) as f:
+            sl = f.get_slice(name)
+            shape = sl.get_shape()
+            if not shape:
+                return sl[:].to(torch.float32)
+            start, stop, _ = (rows or slice(None)).indices(shape[0])
+            out = torch.empty((max(stop - start, 0), *shape[1:]), dtype=torch.float32)
+            step = max(1, READ_BYTES // max(1, 4 * out[0].numel())) if len(out) else 1
+            for i in range(start, stop, step):
+                out[i - start:min(i + step, stop) - start] = sl[i:min(i + step, stop)]
         return out
 
     def files(self) -> list[Path]:

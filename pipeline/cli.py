@@ -208,6 +208,10 @@ from pipeline.attribution.command import attribute, evaluate  # noqa: E402
 cli.add_command(attribute)
 cli.add_command(evaluate)
 
+from pipeline.circuits.command import circuit  # noqa: E402
+
+cli.add_command(circuit)
+
 
 def main() -> None:
     cli(prog_name="atlas")

@@ -11,11 +11,12 @@ BASE ?= $(MODEL)
 OUT ?= outputs
 ARGS ?=
 SQL ?= sql/layer_summary.sql
+TASK ?= ioi
 VARS ?=
 CHROMIUM := /usr/bin/chromium
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: help setup atlas test test-fast query compare report bench clean
+.PHONY: help setup atlas test test-fast query compare report circuit bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -47,6 +48,9 @@ compare: $(BIN)/atlas  ## compare the atlases of BASE and OTHER=... (built first
 
 report: $(BIN)/atlas  ## HTML report on MODEL into OUT/report/ (ARGS="--concept water --compare OTHER")
 	$(BIN)/atlas report $(MODEL) --out $(OUT) $(ARGS)
+
+circuit: $(BIN)/atlas  ## EAP / EAP-IG circuits of MODEL for TASK=ioi|greater-than|capital into OUT/circuits/
+	$(BIN)/atlas circuit $(MODEL) --pairs $(TASK) --out $(OUT) $(ARGS)
 
 test: $(BIN)/atlas $(CHROMIUM)  ## run the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q --durations=10

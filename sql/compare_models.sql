@@ -28,23 +28,16 @@ WHERE model NOT IN (SELECT DISTINCT model FROM neurons);
 
 WITH pair AS (
     SELECT matrix, layer, neuron, b.top1_token_id = o.top1_token_id AS same,
-           b.top1_token AS base_top1, o.top1_token AS other_top1, b.max_z AS base_max_z
+           b.top1_token AS base_top1, o.top1_token AS other_top1, b.max_z AS base_max_z,
+           b.top_token_ids[1:coalesce(getvariable('k')::INT, len(b.top_token_ids))] AS base_ids,
+           o.top_token_ids[1:coalesce(getvariable('k')::INT, len(o.top_token_ids))] AS other_ids
     FROM neurons AS b JOIN neurons AS o USING (matrix, layer, neuron)
     WHERE b.model = getvariable('base') AND o.model = getvariable('other')
-), topk AS (
-    SELECT matrix, layer, neuron,
-           list(token_id) FILTER (model = getvariable('base')) AS base_ids,
-           list(token_id) FILTER (model = getvariable('other')) AS other_ids
-    FROM atlas
-    WHERE model IN (getvariable('base'), getvariable('other')) AND side = 'top'
-      AND rank <= coalesce(getvariable('k')::INT, rank)
-    GROUP BY matrix, layer, neuron
 ), compared AS (
     -- a neuron's top-k ids are distinct, so |A ∪ B| = |A| + |B| − |A ∩ B|; list_filter with a lambda
     -- is 20× faster here than list_intersect
-    SELECT pair.*, overlap / (len(base_ids) + len(other_ids) - overlap) AS jaccard
-    FROM pair JOIN (SELECT *, len(list_filter(base_ids, lambda t: list_contains(other_ids, t))) AS overlap
-                    FROM topk) USING (matrix, layer, neuron)
+    SELECT * EXCLUDE (overlap), overlap / (len(base_ids) + len(other_ids) - overlap) AS jaccard
+    FROM (SELECT *, len(list_filter(base_ids, lambda t: list_contains(other_ids, t))) AS overlap FROM pair)
 )
 SELECT CASE WHEN grouping(matrix) = 1 THEN 'overall' WHEN grouping(layer) = 1 THEN 'matrix' ELSE 'layer' END
            AS level,

@@ -6,7 +6,8 @@
 --
 --   atlas   one row per (model, matrix, layer, neuron, side, rank): token_id, token, logit, z
 --   neurons one row per (model, matrix, layer, neuron): norm, logit_mean, logit_std, max_z, min_z,
---           top1_token_id, top1_token, bottom1_token_id, bottom1_token
+--           top1_token_id, top1_token, bottom1_token_id, bottom1_token, and top_token_ids /
+--           bottom_token_ids (the k ids of each side in rank order, as lists)
 --   tokens  one row per (model, token_id): token (readable), piece (as stored), raw bytes,
 --           is_special, is_word
 -- The word macros (concept_word, same_word, word_key) come from words.sql, run before this file.
@@ -22,7 +23,7 @@ FROM read_parquet(getvariable('atlas_root') || '/atlas/*/*/*.parquet', hive_part
 
 CREATE OR REPLACE VIEW neurons AS
 SELECT model, matrix, layer, neuron, norm, logit_mean, logit_std, max_z, min_z,
-       top1_token_id, top1_token, bottom1_token_id, bottom1_token
+       top1_token_id, top1_token, bottom1_token_id, bottom1_token, top_token_ids, bottom_token_ids
 FROM read_parquet(getvariable('atlas_root') || '/neurons/*/*/*.parquet', hive_partitioning = true);
 
 CREATE OR REPLACE VIEW tokens AS

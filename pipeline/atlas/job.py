@@ -38,7 +38,8 @@ from pipeline.sources import open_source, resolve
 from pipeline.sources.base import source_sha256
 from pipeline.tokens import TokenTable
 
-FORMAT_VERSION = "2"  # 2: order by the exact logit rounded to fp32 (certified.py), on any dtype
+# 2: order by the exact logit rounded to fp32 (certified.py), on any dtype; 3: id lists in `neurons`
+FORMAT_VERSION = "3"
 
 
 @dataclass(frozen=True)

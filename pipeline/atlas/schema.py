@@ -31,6 +31,8 @@ NEURONS = pa.schema([
     ("max_z", pa.float32()), ("min_z", pa.float32()),
     ("top1_token_id", pa.int32()), ("top1_token", pa.string()),
     ("bottom1_token_id", pa.int32()), ("bottom1_token", pa.string()),
+    # the k ids of each side in rank order, so comparisons need not regroup the long `atlas` table
+    ("top_token_ids", pa.list_(pa.int32())), ("bottom_token_ids", pa.list_(pa.int32())),
 ])
 TOKENS = pa.schema([
     ("model", pa.string()), ("token_id", pa.int32()), ("token", pa.string()), ("piece", pa.string()),
@@ -71,8 +73,16 @@ def atlas_rows(p: Projection, texts: pa.Array, model: str, matrix: str, layer: i
     ], schema=ATLAS)
 
 
+def _id_lists(ids: np.ndarray) -> pa.Array:
+    """`[n, k]` ids as n lists of k int32."""
+    n, k = ids.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)),
+                                    pa.array(ids.astype(np.int32).ravel()))
+
+
 def neuron_rows(p: Projection, texts: pa.Array, model: str, matrix: str, layer: int, first: int) -> pa.Table:
-    """One row per neuron: stored vector's L2 norm, logit mean/std, extreme z-scores, top-1/bottom-1 tokens."""
+    """One row per neuron: stored vector's L2 norm, logit mean/std, extreme z-scores, top-1/bottom-1 tokens,
+    and the top-k and bottom-k ids as lists."""
     n = p.top_ids.shape[0]
     top1 = pa.array(p.top_ids[:, 0].numpy().astype(np.int32))
     bottom1 = pa.array(p.bottom_ids[:, 0].numpy().astype(np.int32))
@@ -84,6 +94,7 @@ def neuron_rows(p: Projection, texts: pa.Array, model: str, matrix: str, layer: 
         pa.array(z_scores(p.top_logits[:, :1], p.mean, p.std)[:, 0].numpy().astype(np.float32)),
         pa.array(z_scores(p.bottom_logits[:, :1], p.mean, p.std)[:, 0].numpy().astype(np.float32)),
         top1, pc.take(texts, top1), bottom1, pc.take(texts, bottom1),
+        _id_lists(p.top_ids.numpy()), _id_lists(p.bottom_ids.numpy()),
     ], schema=NEURONS)
 
 

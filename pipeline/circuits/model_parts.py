@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from pipeline.arch import live_family
 from pipeline.circuits.graph import KINDS, Graph
 from pipeline.errors import AtlasError
 
@@ -39,7 +40,7 @@ class Layout:
     mlp: str
     mlp_post_norm: str | None
     norm: str = "rms"  # "rms" | "layer" (LayerNorm: mean subtracted, bias)
-    gain_offset: float = 0.0  # Gemma's RMSNorm multiplies by 1 + weight
+    gain_offset: float = 0.0  # Gemma's RMSNorm multiplies by 1 + weight: set from pipeline.arch
     conv1d: bool = False  # GPT-2's Conv1D keeps weights as [in, out]
 
 
@@ -47,11 +48,11 @@ _LLAMA = Layout("layers", "norm", "self_attn", "input_layernorm",
                 ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj",
                 None, "post_attention_layernorm", "mlp", None)
 _SANDWICH = replace(_LLAMA, attn_post_norm="post_attention_layernorm", mlp_norm="pre_feedforward_layernorm",
-                    mlp_post_norm="post_feedforward_layernorm", gain_offset=1.0)
+                    mlp_post_norm="post_feedforward_layernorm")
 _GPT2 = Layout("h", "ln_f", "attn", "ln_1", ("attn.c_attn",) * 3, "attn.c_proj", None, "ln_2", "mlp", None,
                norm="layer", conv1d=True)
 LAYOUTS: dict[str, Layout] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
-                              "gemma": replace(_LLAMA, gain_offset=1.0), "gemma2": _SANDWICH,
+                              "gemma": _LLAMA, "gemma2": _SANDWICH,
                               "gemma3_text": _SANDWICH, "gpt2": _GPT2}
 
 
@@ -93,6 +94,7 @@ def parts_of(model: nn.Module) -> Parts:
     layout = LAYOUTS.get(family)
     if layout is None:
         raise AtlasError(f"circuits do not support {family!r} models; supported: {', '.join(sorted(LAYOUTS))}")
+    layout = replace(layout, gain_offset=live_family(family).norm_offset)  # arch.py knows the convention
     body = model.base_model
     n_heads = model.config.get_text_config().num_attention_heads
     blocks = []

@@ -62,6 +62,7 @@ bench: $(BIN)/atlas  ## speed and memory against this machine's roofline (bench/
 	$(BIN)/python bench/atlas_speed.py $(MODEL)
 	$(BIN)/python bench/llama8b_shape.py
 	$(BIN)/python bench/query_speed.py
+	$(BIN)/python bench/circuit_speed.py $(MODEL)
 
 clean:  ## remove outputs (keeps .venv)
 	rm -rf $(OUT)

@@ -15,14 +15,11 @@ CPUs run bf16 several times slower than fp32, AMX CPUs several times faster) and
 from __future__ import annotations
 
 import argparse
-import resource
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from fresh_build import fresh_build
 
 from pipeline.arch import ArchAdapter
 from pipeline.atlas.project import Head, project_block
@@ -62,14 +59,6 @@ def naive_layer(vectors: torch.Tensor, head: torch.Tensor, k: int) -> None:
     (-logits).topk(k, dim=1)
     logits.mean(1)
     logits.std(1)
-
-
-def build_once(model: str, out: Path) -> tuple[float, int]:
-    """Wall time and peak RSS of a full `atlas build` in a fresh process."""
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline", "build", model, "--out", str(out), "--quiet", "--force"],
-                   check=True)
-    return time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
 
 def main() -> None:
@@ -112,7 +101,7 @@ def main() -> None:
         return
     flop_model = flop_layer * adapter.n_layers * len(adapter.matrices)
     with tempfile.TemporaryDirectory() as tmp:
-        wall, rss = build_once(args.model, Path(tmp))
+        wall, rss = fresh_build([args.model, "--out", tmp, "--force"])
     head_bytes = vocab * d * 4
     print(f"\n3. full `atlas build {args.model}` (read, project, top-k, statistics, Parquet), fresh process:")
     print(f"   wall {wall:.1f} s, {flop_model / 1e12:.2f} TFLOP → {flop_model / wall / 1e9:.1f} GFLOP/s = "

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from fresh_build import fresh_build
 from safetensors.torch import save_file
 
 D_MODEL, VOCAB, N_HEADS, N_KV_HEADS, HEAD_DIM = 4096, 128256, 32, 8, 128
@@ -94,8 +92,8 @@ def main() -> None:
             write_checkpoint(folder, args.layers, args.neurons)
         print(f"checkpoint: {folder} ({args.layers} layers × {args.neurons} neurons, d_model {D_MODEL}, "
               f"vocabulary {VOCAB}, bf16), written in {time.perf_counter() - t0:.1f} s")
-        one, rss_one = build(folder, Path(tmp) / "one", args.device, ["--layers", "0"])
-        wall, rss = build(folder, Path(tmp) / "all", args.device, [])
+        one, rss_one = fresh_build([str(folder), "--out", str(Path(tmp) / "one"), "--device", args.device, "--layers", "0"])
+        wall, rss = fresh_build([str(folder), "--out", str(Path(tmp) / "all"), "--device", args.device])
     per_layer = (wall - one) / (args.layers - 1)  # two builds: the difference is the per-layer cost
     fixed = one - per_layer  # process start, tokenizer, reading the head, its statistics
     full = fixed + per_layer * FULL_LAYERS * FULL_NEURONS / args.neurons
@@ -111,16 +109,6 @@ def main() -> None:
     print(f"   peak RSS {max(rss, rss_one) / 2**30:.2f} GiB; fp32 LM head {head / 2**30:.2f} GiB + two layers "
           f"{2 * layer / 2**30:.2f} GiB = {(head + 2 * layer) / 2**30:.2f} GiB, plus the Python/torch runtime "
           f"and the checkpoint's pages mapped while read")
-
-
-def build(folder: Path, out: Path, device: str, extra: list[str]) -> tuple[float, int]:
-    """Wall time and peak RSS of `atlas build` in a fresh process. The peak is the one the build reports
-    for itself: the OS's figure for a child also counts the pages it shared with this parent at fork."""
-    t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pipeline", "build", str(folder), "--out", str(out),
-                           "--device", device, *extra], check=True, capture_output=True, text=True)
-    peak = re.search(r"peak memory ([0-9.]+) GiB", done.stdout)
-    return time.perf_counter() - t0, int(float(peak.group(1)) * 2**30)
 
 
 if __name__ == "__main__":

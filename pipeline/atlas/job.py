@@ -146,8 +146,7 @@ class AtlasJob:
                 self._run_partitions(todo, progress)
         finally:
             lock.release()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return BuildReport(self.model, self.cfg.out, len(todo), skipped, time.perf_counter() - t0, peak)
+        return BuildReport(self.model, self.cfg.out, len(todo), skipped, time.perf_counter() - t0, peak_rss_bytes())
 
     def _marker(self, part: Partition) -> Path:
         return self.state / f"{part.matrix}-{part.layer}.json"
@@ -259,6 +258,16 @@ class AtlasJob:
                 bar.update()
             pending_write.result()
         bar.close()
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: the address space's high-water mark where Linux reports it
+    (`ru_maxrss` survives exec, so a child started by a big parent would report the parent's pages)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def build_atlas(cfg: AtlasConfig, progress: bool = True) -> BuildReport:

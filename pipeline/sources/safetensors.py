@@ -73,18 +73,20 @@ class SafetensorsSource:
         return self._shapes[name]
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """Rows of a tensor as float32, converted a block at a time: a bf16 head never exists twice."""
+        """Rows of a tensor as float32, converted a block at a time, each block through its own mapping:
+        a bf16 head never exists twice, and its mapped pages never all at once (they count as memory)."""
         self._check(name)
-        with self._open(self._where[name]) as f:
-            sl = f.get_slice(name)
-            shape = sl.get_shape()
-            if not shape:
-                return sl[:].to(torch.float32)
-            start, stop, _ = (rows or slice(None)).indices(shape[0])
-            out = torch.empty((max(stop - start, 0), *shape[1:]), dtype=torch.float32)
-            step = max(1, READ_BYTES // max(1, 4 * out[0].numel())) if len(out) else 1
-            for i in range(start, stop, step):
-                out[i - start:min(i + step, stop) - start] = sl[i:min(i + step, stop)]
+        shape = self._shapes[name]
+        shard = self._where[name]
+        if not shape:
+            with self._open(shard) as f:
+                return f.get_slice(name)[:].to(torch.float32)
+        start, stop, _ = (rows or slice(None)).indices(shape[0])
+        out = torch.empty((max(stop - start, 0), *shape[1:]), dtype=torch.float32)
+        step = max(1, READ_BYTES // max(1, 4 * out[0].numel())) if len(out) else 1
+        for i in range(start, stop, step):
+            with self._open(shard) as f:
+                out[i - start:min(i + step, stop) - start] = f.get_slice(name)[i:min(i + step, stop)]
         return out
 
     def files(self) -> list[Path]:

@@ -35,8 +35,8 @@ def build_shard(cfg: AtlasConfig, parts: list, threads: int | None = None) -> in
 def shards(parts: list, n: int) -> list[list]:
     """At most `n` groups of whole layers, dealt round-robin."""
     layers = sorted({p.layer for p in parts})
-    groups = [layers[i::n] for i in range(min(n, len(layers)))]
-    return [[p for p in parts if p.layer in set(g)] for g in groups]
+    groups = [set(layers[i::n]) for i in range(min(n, len(layers)))]
+    return [[p for p in parts if p.layer in g] for g in groups]
 
 
 def run_engine(cfg: AtlasConfig, parts: list, done: Callable[[int], None]) -> None:

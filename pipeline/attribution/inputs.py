@@ -72,15 +72,29 @@ class Encoded:
         return None if method in ZERO_BASELINE_METHODS else space_baseline(tokenizer, self.ids)
 
 
-def _task_file(name: str) -> Path:
-    return Path(str(resources.files("pipeline.attribution") / "tasks" / f"{name}.jsonl"))
+def shipped_task(package: str, name: str) -> Path:
+    """The JSONL file of a task shipped in `package` (its `tasks/<name>.jsonl`)."""
+    return Path(str(resources.files(package) / "tasks" / f"{name}.jsonl"))
+
+
+TASK_FILES = {name: shipped_task("pipeline.attribution", name) for name in TASKS}
+
+
+def task_path(spec: str | Path, tasks: dict[str, Path], kind: str) -> Path:
+    """A shipped task's file by name, else `spec` as a path; a missing file is one error line."""
+    path = tasks.get(str(spec), Path(spec))
+    if not path.is_file():
+        raise AtlasError(f"no {kind} file {spec} (give a .jsonl file or a shipped task: {', '.join(tasks)})")
+    return path
 
 
 def load_prompts(spec: str | Path) -> PromptSet:
     """A shipped task by name (capital, sentiment, ioi) or a JSONL file, parsed and checked line by line."""
-    path = _task_file(str(spec)) if str(spec) in TASKS else Path(spec)
-    if not path.is_file():
-        raise AtlasError(f"no prompt file {spec} (give a .jsonl file or a shipped task: {', '.join(TASKS)})")
+    return read_prompts(task_path(spec, TASK_FILES, "prompt"))
+
+
+def read_prompts(path: Path) -> PromptSet:
+    """A JSONL prompt file, parsed and checked line by line."""
     prompts = []
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):

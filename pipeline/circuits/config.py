@@ -1,7 +1,7 @@
 """`CircuitConfig`: what `atlas circuit` runs, validated once, stored in the outputs' metadata.
 
-Imports no torch, so the command line can offer its choices before loading anything (scores.METRICS
-holds the same names; a test keeps them equal).
+Imports no torch, so the command line can offer its choices before loading anything (scores.py takes
+METRICS from here).
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """`atlas circuit`: score every edge of a model's graph with each method, select circuits, measure them.
 
 Pairs: a JSONL file in attribution's format (inputs.py) where every row has `corrupted` and `foil`, or a
-shipped task (tasks/*.jsonl, equal token lengths under SmolLM2's tokenizer, made for this package):
-- ioi (120): "When Luke and Jane went to the store, Jane gave a drink to" → " Luke" over " Jane";
-  corrupted: a third name in place of the repeated subject;
+shipped task (equal token lengths under SmolLM2's tokenizer, made here):
+- ioi (120, attribution's own ioi task, which already has clean/corrupted pairs): "When Luke and Jane
+  went to the store, Jane gave a drink to" → " Luke" over " Jane"; corrupted: a third name in place of
+  the repeated subject;
 - greater-than (144): "The war lasted from the year 1742 to the year 17" → "5" over "3": SmolLM2 writes
   years digit by digit, so the next token is the end year's tens digit; target = the start's tens digit
   + 1 (a later decade), foil = − 1 (an earlier one, which would end the war before it began); corrupted:
@@ -23,7 +24,6 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,7 +31,8 @@ import torch
 from tqdm import tqdm
 
 from pipeline.atlas.schema import atomic_parquet
-from pipeline.attribution.inputs import Encoded, PromptSet, encode, load_prompts
+from pipeline.attribution import inputs
+from pipeline.attribution.inputs import Encoded, PromptSet, encode
 from pipeline.circuits import select
 from pipeline.circuits.config import CircuitConfig, resolve_budgets
 from pipeline.circuits.graph import Graph
@@ -49,7 +50,9 @@ from pipeline.circuits.scores import PairBatch, edge_scores
 from pipeline.errors import AtlasError
 from pipeline.live.load import LiveModel, load_live
 
-TASKS = ("ioi", "greater-than", "capital")
+TASK_FILES = {"ioi": inputs.TASK_FILES["ioi"],  # attribution's ioi task already has the pairs
+              **{name: inputs.shipped_task("pipeline.circuits", name) for name in ("greater-than", "capital")}}
+TASKS = tuple(TASK_FILES)
 GOOD_F = 0.8  # the circuit pictured: the smallest budget of the best method reaching this faithfulness
 
 
@@ -68,17 +71,9 @@ class CircuitReport:
     seconds: float
 
 
-def task_file(spec: str) -> Path:
-    """A shipped task's file by name, else `spec` as a path; a missing file is one error line."""
-    path = Path(str(resources.files("pipeline.circuits") / "tasks" / f"{spec}.jsonl")) if spec in TASKS else Path(spec)
-    if not path.is_file():
-        raise AtlasError(f"no pairs file {spec} (give a .jsonl file or a shipped task: {', '.join(TASKS)})")
-    return path
-
-
 def load_pairs(spec: str, limit: int | None = None) -> PromptSet:
     """The pairs of a task or file, each with `corrupted` and `foil` (else an error naming the line)."""
-    pairs = load_prompts(task_file(spec))
+    pairs = inputs.read_prompts(inputs.task_path(spec, TASK_FILES, "pairs"))
     for p in pairs.prompts:
         if missing := [f for f in ("corrupted", "foil") if getattr(p, f) is None]:
             raise AtlasError(f"{pairs.source}:{p.id}: a circuit pair needs {' and '.join(missing)} "

@@ -36,9 +36,9 @@ from pipeline.circuits.model_parts import (
     with_hidden,
     work_dtype,
 )
+from pipeline.circuits.config import METRICS
 from pipeline.errors import AtlasError
 
-METRICS = ("logit_diff", "prob_diff", "kl")
 METHODS = ("eap", "eap-ig")
 
 

@@ -60,6 +60,7 @@ test-fast: $(BIN)/atlas $(CHROMIUM)  ## the tests without the end-to-end runs on
 
 bench: $(BIN)/atlas  ## speed and memory against this machine's roofline (bench/README.md)
 	$(BIN)/python bench/atlas_speed.py $(MODEL)
+	$(BIN)/python bench/atlas_speed.py gemma3-270m
 	$(BIN)/python bench/llama8b_shape.py
 	$(BIN)/python bench/query_speed.py
 	$(BIN)/python bench/circuit_speed.py $(MODEL)

@@ -1,10 +1,12 @@
 """How close the atlas runs to this machine's matrix-multiply limit, measured in one run.
 
 Prints, for one model (default: the embedded SmolLM2-135M-Instruct):
-  1. the roofline: sustained GEMM rate at the atlas's shapes (a block of neurons × the LM head), fp32
-     and bf16, the faster of the two being the roofline;
-  2. one layer's projection three ways: the naive baseline (fp32 `W @ W_U.T`, then `topk` and the
-     mean/std over the whole logit matrix), our `project_block`, and the product alone;
+  1. the roofline: sustained GEMM rate at the atlas's shapes (blocks of neurons × chunks of the LM head,
+     each written into a reused buffer; the best of a grid of shapes), fp32 and bf16, the faster of the
+     two being the roofline;
+  2. a few partitions projected three ways: the naive baseline (fp32 `W @ W_U.T`, then `topk` and the
+     mean/std over the whole logit matrix), our `project_block` and the bare product, the last two a
+     partition per lane (one torch thread each) as the build runs them;
   3. the full `atlas build` of the model in a subprocess: wall time, achieved FLOP/s
      (2 · neurons · d_model · vocabulary per matrix and layer), ratio to the roofline, peak RSS.
 Every figure is a ratio against a baseline taken in the same run: the machines here differ (AVX2-only
@@ -17,16 +19,21 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from fresh_build import fresh_build
 
 from pipeline.arch import ArchAdapter
-from pipeline.atlas.project import Head, project_block
+from pipeline.atlas.project import CPU_CHUNK, Head, project_block
+from pipeline.config import AtlasConfig
 from pipeline.sources import open_source, resolve
 from pipeline.sources.embedded import DEFAULT_MODEL
 
-BLOCK = 256  # the build's default --block-size
+BLOCK = AtlasConfig.block_size  # the build's defaults
+ROOF_BLOCKS = (256, 512, 1024)
+ROOF_CHUNKS = (512, 1024, 4096)
+ROOF_SAMPLE = (1024, 16384)  # neurons × vocabulary rows timed per shape: the rate, not the size, matters
 
 
 def best_time(fn, repeats: int) -> float:
@@ -40,16 +47,63 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def gemm_rate(head: torch.Tensor, block: torch.Tensor, dtype: torch.dtype, repeats: int) -> float:
-    """FLOP/s of `block @ head.T` in `dtype`, in vocabulary chunks as the atlas does."""
-    h, b = head.to(dtype), block.to(dtype)
-    chunk = 8192
+def interleaved_best(fns: dict, repeats: int) -> dict[str, float]:
+    """The fastest run of each function, runs taken in turn: a slow spell of the machine hits all alike."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def bare_product(head: torch.Tensor, vectors: torch.Tensor, dtype: torch.dtype, block: int, chunk: int):
+    """A closure computing `vectors @ head.T` in `dtype` in [block, chunk] pieces into one reused buffer."""
+    h, v = head.to(dtype), vectors.to(dtype)
+    out = torch.empty(block, chunk, dtype=dtype)
 
     def run():
-        for s in range(0, h.shape[0], chunk):
-            b @ h[s:s + chunk].T
+        for b in range(0, len(v), block):
+            rows = v[b:b + block]
+            for s in range(0, len(h), chunk):
+                cols = h[s:s + chunk]
+                torch.matmul(rows, cols.T, out=out[:len(rows), :len(cols)])
 
-    return 2 * b.shape[0] * b.shape[1] * h.shape[0] / best_time(run, repeats)
+    return run
+
+
+def gemm_rate(head: torch.Tensor, vectors: torch.Tensor, dtype: torch.dtype, block: int, chunk: int,
+              lanes: int, repeats: int) -> float:
+    """FLOP/s of the bare product at one shape: with every torch thread (lanes = 1), or split into
+    `lanes` single-threaded lanes as the build runs."""
+    parts = list(vectors.chunk(lanes))
+    runs = [bare_product(head, part, dtype, block, chunk) for part in parts]
+    seconds = best_time(lambda: runs[0]() if lanes == 1 else in_lanes(lambda run: run(), runs, lanes), repeats)
+    return 2 * vectors.shape[0] * vectors.shape[1] * head.shape[0] / seconds
+
+
+def roofline(head: torch.Tensor, vectors: torch.Tensor, repeats: int) -> dict[str, tuple[float, str]]:
+    """Per dtype, the best GEMM rate over modes, block and chunk shapes, with what reached it."""
+    head, vectors = head[:ROOF_SAMPLE[1]], vectors[:ROOF_SAMPLE[0]]
+    threads = torch.get_num_threads()
+    best = {}
+    for dtype in ("float32", "bfloat16"):
+        rates = [(gemm_rate(head, vectors, getattr(torch, dtype), b, c, lanes, repeats),
+                  f"[{b}, {c}], {'one lane per core' if lanes > 1 else f'{threads} threads'}")
+                 for lanes in sorted({1, threads}) for b in ROOF_BLOCKS for c in ROOF_CHUNKS]
+        best[dtype] = max(rates)
+    return best
+
+
+def in_lanes(fn, items: list, lanes: int) -> None:
+    """`fn` over `items` in `lanes` threads of one torch thread each, as `atlas build` runs partitions."""
+    threads = torch.get_num_threads()
+    with ThreadPoolExecutor(lanes, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        list(pool.map(fn, items))
+    torch.set_num_threads(threads)
 
 
 def naive_layer(vectors: torch.Tensor, head: torch.Tensor, k: int) -> None:
@@ -74,39 +128,58 @@ def main() -> None:
     head = adapter.head().float()
     vocab, d = head.shape
     layer = adapter.neuron_vectors("up", adapter.n_layers // 2).float()
-    n = layer.shape[0]
+    n = layer.shape[0]  # neurons per layer
     print(f"model {args.model}: {adapter.n_layers} layers × {n} neurons × {len(adapter.matrices)} matrices, "
           f"d_model {d}, vocabulary {vocab}; torch {torch.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
 
-    rates = {dt: gemm_rate(head, layer[:BLOCK], getattr(torch, dt), args.repeats) for dt in ("float32", "bfloat16")}
+    rates = roofline(head, layer, args.repeats)
     roof_dtype = max(rates, key=rates.get)
-    roof = rates[roof_dtype]
-    print(f"\n1. roofline at the atlas shape [{BLOCK}, {d}] × [{d}, {vocab}]:")
-    for dt, r in rates.items():
-        print(f"   {dt:9s} {r / 1e9:8.1f} GFLOP/s{'   <- roofline' if dt == roof_dtype else ''}")
+    roof = rates[roof_dtype][0]
+    print(f"\n1. roofline: GEMM rate of {ROOF_SAMPLE[0]} neurons × {ROOF_SAMPLE[1]} head rows (d {d}), best of "
+          f"blocks {ROOF_BLOCKS} × vocabulary chunks {ROOF_CHUNKS}, all threads or one lane per core:")
+    for dt, (r, how) in rates.items():
+        print(f"   {dt:9s} {r / 1e9:8.1f} GFLOP/s at {how}{'   <- roofline' if dt == roof_dtype else ''}")
 
-    flop_layer = 2 * n * d * vocab
+    threads = torch.get_num_threads()
+    parts = [adapter.neuron_vectors(m, layer).float() for layer in range(adapter.n_layers // 2, adapter.n_layers)
+             for m in adapter.matrices][:max(2, threads)]
+    flop_parts = 2 * sum(len(p) for p in parts) * d * vocab
     h = Head.from_weight(head)
-    naive = best_time(lambda: naive_layer(layer, head, args.k), args.repeats)
-    ours = best_time(lambda: [project_block(layer[s:s + BLOCK], h, args.k) for s in range(0, n, BLOCK)], args.repeats)
-    product = flop_layer / gemm_rate(head, layer, torch.float32, args.repeats)
-    print(f"\n2. one layer ({n} neurons), projection with top-{args.k}, bottom-{args.k}, mean and std:")
-    for name, t in (("naive fp32 baseline", naive), ("project_block (ours)", ours), ("fp32 product alone", product)):
-        print(f"   {name:22s} {t:7.3f} s  {flop_layer / t / 1e9:7.1f} GFLOP/s  "
-              f"{flop_layer / t / roof:6.1%} of roofline")
-    print(f"   speed-up over the naive baseline: {naive / ours:.2f}×")
+
+    def ours(part: torch.Tensor) -> None:
+        [project_block(part[s:s + BLOCK], h, args.k) for s in range(0, len(part), BLOCK)]
+
+    def product(part: torch.Tensor) -> None:
+        bare_product(head, part, torch.float32, BLOCK, CPU_CHUNK)()
+
+    naive = best_time(lambda: [naive_layer(p, head, args.k) for p in parts], args.repeats)
+    lanes = interleaved_best({"ours": lambda: in_lanes(ours, parts, threads),
+                              "product": lambda: in_lanes(product, parts, threads)}, args.repeats)
+    print(f"\n2. {len(parts)} partitions of {n} neurons, top-{args.k}, bottom-{args.k}, mean and std; ours and "
+          f"the bare product run as the build does, a partition per lane ({threads} lanes):")
+    for name, t in (("naive fp32 baseline", naive), ("project_block (ours)", lanes["ours"]),
+                    (f"product alone [{BLOCK}, {CPU_CHUNK}]", lanes["product"])):
+        print(f"   {name:27s} {t:7.3f} s  {flop_parts / t / 1e9:7.1f} GFLOP/s  "
+              f"{flop_parts / t / roof:6.1%} of roofline")
+    print(f"   speed-up over the naive baseline: {naive / lanes['ours']:.2f}×; "
+          f"ours runs at {lanes['product'] / lanes['ours']:.1%} of its bare product")
 
     if args.skip_build:
         return
-    flop_model = flop_layer * adapter.n_layers * len(adapter.matrices)
+    flop_model = 2 * n * d * vocab * adapter.n_layers * len(adapter.matrices)
     with tempfile.TemporaryDirectory() as tmp:
         wall, rss = fresh_build([args.model, "--out", tmp, "--force"])
+    after = 2 * sum(len(p) for p in parts) * d * vocab / interleaved_best(
+        {"product": lambda: in_lanes(product, parts, threads)}, args.repeats)["product"]
     head_bytes = vocab * d * 4
     print(f"\n3. full `atlas build {args.model}` (read, project, top-k, statistics, Parquet), fresh process:")
     print(f"   wall {wall:.1f} s, {flop_model / 1e12:.2f} TFLOP → {flop_model / wall / 1e9:.1f} GFLOP/s = "
           f"{flop_model / wall / roof:.1%} of the roofline; naive baseline would take "
-          f"{naive * adapter.n_layers * len(adapter.matrices):.1f} s of compute alone")
+          f"{naive / len(parts) * adapter.n_layers * len(adapter.matrices):.1f} s of compute alone")
+    print(f"   the bare product in lanes, timed right after the build: {after / 1e9:.1f} GFLOP/s "
+          f"({after / roof:.1%} of the roofline: how busy the machine was); the build ran at "
+          f"{flop_model / wall / after:.1%} of it")
     print(f"   peak RSS {rss / 2**30:.2f} GiB (fp32 LM head alone {head_bytes / 2**30:.2f} GiB)")
 
 

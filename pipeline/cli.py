@@ -67,7 +67,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="Compute dtype; auto picks the fastest exact path for this machine.")
 @click.option("--device", default="cpu", show_default=True, help="Torch device for the projection (cpu, cuda).")
-@click.option("--block-size", type=click.IntRange(min=1), default=256, show_default=True,
+@click.option("--block-size", type=click.IntRange(min=1), default=AtlasConfig.block_size, show_default=True,
               help="Neurons per projection block and Parquet row group.")
 @click.option("--force", is_flag=True, help="Recompute partitions that are already built.")
 @click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,

@@ -210,6 +210,21 @@ def test_bf16_and_fp32_compute_give_the_identical_atlas(model_dir, tmp_path):
         assert pq.read_schema(twin).metadata[b"atlas.dtype"] == b"bfloat16"
 
 
+def test_lanes_give_the_atlas_of_one_lane_and_leave_torch_threads_as_they_were(model_dir, tmp_path):
+    """A build runs a partition per core; which lane finishes first changes nothing written."""
+    folder = model_dir("llama", tie=True)
+    threads = torch.get_num_threads()
+    try:
+        for lanes in (1, 3):
+            torch.set_num_threads(lanes)
+            assert run_cli("build", folder, "--out", tmp_path / str(lanes), "-q").exit_code == 0
+            assert torch.get_num_threads() == lanes
+    finally:
+        torch.set_num_threads(threads)
+    for path in sorted((tmp_path / "1").rglob("*.parquet")):
+        assert pq.read_table(path).equals(pq.read_table(tmp_path / "3" / path.relative_to(tmp_path / "1"))), path
+
+
 def test_reading_keeps_no_mapping_of_the_checkpoint(model_dir):
     """Memory stays bounded: a mapped shard's touched pages count in the process until it is unmapped,
     so after reading every tensor no shard may still be mapped."""

@@ -11,8 +11,8 @@ for fp32, whose rounding the accumulation term covers), each approximate logit `
 (Cauchy–Schwarz on the rounding terms; Higham's bound for an fp32 dot product of length d). The
 maxima over the vocabulary give one bound ε per neuron. Keep the c > k best approximate tokens: any
 other token t has a_t ≤ a_c, so if a_c < a_k − 2ε then w·h_t ≤ a_t + ε < a_k − ε, below k kept
-tokens' true logits: t is not in the exact top-k. The candidates are re-scored with float64 sums and
-ordered by (value desc, id asc); rows where the margin does not hold (ties at the cut, dead neurons)
+tokens' true logits: t is not in the exact top-k. By the same margin only candidates within 2ε of a_k
+can be in it; those are re-scored with float64 sums and ordered by (value desc, id asc); rows where the margin does not hold (ties at the cut, dead neurons)
 are recomputed in float64 over the whole vocabulary. Either way the atlas is the same on every device
 and dtype: the order of the true logits, stored in fp32.
 """
@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+from pipeline.atlas import kernels
 
 U_BF16 = 2.0 ** -8
 U_FP32 = 2.0 ** -24
@@ -46,7 +48,8 @@ class FastHead:
         for s in range(0, len(weight), chunk):
             lo = low[s:s + chunk].float()
             norm = max(norm, float(lo.norm(dim=1).max()))
-            err = max(err, float((weight[s:s + chunk] - lo).norm(dim=1).max()))
+            if low is not weight:
+                err = max(err, float((weight[s:s + chunk] - lo).norm(dim=1).max()))
         return cls(low, norm, err, U_BF16 if dtype == torch.bfloat16 else 0.0)
 
     @property
@@ -67,8 +70,17 @@ def error_bound(vectors: torch.Tensor, fast: FastHead, max_abs_logit: torch.Tens
 
 
 def candidates(vectors: torch.Tensor, fast: FastHead, c: int, chunk: int) -> tuple[torch.Tensor, ...]:
-    """Approximate top-c and bottom-c (values, ids) over the vocabulary, one chunk at a time."""
-    v = vectors.to(fast.dtype)
+    """Approximate top-c and bottom-c (values sorted descending, ids) over the vocabulary, a chunk at a time.
+
+    The bottom side comes back negated (the top of −logits), so both sides read the same way. The CPU
+    folds each chunk into running candidates with a compiled scan; accelerators run `topk` fast.
+    """
+    fn = scan_candidates if vectors.device.type == "cpu" else topk_candidates
+    return fn(vectors.to(fast.dtype), fast, min(c, fast.weight.shape[0]), chunk)
+
+
+def topk_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int) -> tuple[torch.Tensor, ...]:
+    """`candidates` by `topk` per chunk and a merge: any device."""
     top = bottom = None
     for s in range(0, fast.weight.shape[0], chunk):
         a = (v @ fast.weight[s:s + chunk].T).float()  # [n, chunk]
@@ -78,6 +90,23 @@ def candidates(vectors: torch.Tensor, fast: FastHead, c: int, chunk: int) -> tup
         top = t if top is None else _keep(top, t, c)
         bottom = b if bottom is None else _keep(bottom, b, c)
     return top[0], top[1], bottom[0], bottom[1]
+
+
+def scan_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int) -> tuple[torch.Tensor, ...]:
+    """`candidates` by the compiled scan (kernels.py) over each chunk while it is in cache: the CPU."""
+    n, vocab = v.shape[0], fast.weight.shape[0]
+    out = torch.empty(n, chunk, dtype=fast.dtype)  # one chunk of logits, reused
+    wide = out if fast.dtype == torch.float32 else torch.empty(n, chunk)
+    top_v, bottom_v = torch.full((n, c), -torch.inf), torch.full((n, c), torch.inf)
+    top_i, bottom_i = torch.zeros(n, c, dtype=torch.long), torch.zeros(n, c, dtype=torch.long)
+    state = top_v.numpy(), top_i.numpy(), bottom_v.numpy(), bottom_i.numpy()
+    for s in range(0, vocab, chunk):
+        rows = fast.weight[s:s + chunk]
+        logits = torch.matmul(v, rows.T, out=out[:, :len(rows)])
+        if wide is not out:
+            logits = wide[:, :len(rows)].copy_(logits)
+        kernels.scan_chunk(logits.numpy(), s, *state)
+    return top_v, top_i, -bottom_v, bottom_i
 
 
 def _keep(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], c: int):
@@ -93,12 +122,31 @@ def certified(approx: torch.Tensor, k: int, eps: torch.Tensor, vocab: int) -> to
     return approx[:, -1] < approx[:, k - 1] - 2 * eps
 
 
-def rescore(vectors: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, rows: int = 16) -> torch.Tensor:
-    """Logits `[n, c]` of each neuron for its own candidate ids, summed in float64 (identical head rows
+def contenders(approx: torch.Tensor, k: int, eps: torch.Tensor, ok: torch.Tensor) -> int:
+    """How many leading candidates can still be in the exact top-k, over the certified rows `ok`.
+
+    A candidate with a < a_k − 2ε is exactly below a_k − ε, so below k others: only those within 2ε of
+    the k-th need exact values (in fp32 usually just k; bf16 or near-ties add a few).
+    """
+    near = (approx >= approx[:, k - 1:k] - 2 * eps[:, None]).sum(1)
+    return int(near[ok].max()) if ok.any() else k
+
+
+def rescore(vectors: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Logits `[n, m]` of each neuron for its own candidate ids, summed in float64 (identical head rows
     give identical values whatever a kernel's summation order) and stored in fp32."""
+    if vectors.device.type != "cpu":
+        return bmm_rescore(vectors, weight, ids)
+    out = torch.empty(ids.shape, dtype=torch.float32)
+    kernels.rescore(vectors.float().contiguous().numpy(), weight.numpy(), ids.contiguous().numpy(), out.numpy())
+    return out
+
+
+def bmm_rescore(vectors: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, rows: int = 16) -> torch.Tensor:
+    """`rescore` by gathered rows and a float64 batched product: any device."""
     out = torch.empty(ids.shape, dtype=torch.float32, device=vectors.device)
     for s in range(0, len(ids), rows):
-        picked = weight[ids[s:s + rows]].double()  # [rows, c, d]
+        picked = weight[ids[s:s + rows]].double()  # [rows, m, d]
         out[s:s + rows] = torch.bmm(picked, vectors[s:s + rows, :, None].double()).squeeze(2).float()
     return out
 
@@ -111,8 +159,8 @@ def fastest_dtype(device: torch.device, d_model: int, vocab: int) -> torch.dtype
     """
     if device.type == "cuda":
         return torch.bfloat16
-    a = torch.randn(256, d_model, device=device)
-    b = torch.randn(min(vocab, 4096), d_model, device=device)
+    a = torch.randn(128, d_model, device=device)
+    b = torch.randn(min(vocab, 2048), d_model, device=device)
     seconds = {}
     for dtype in (torch.float32, torch.bfloat16):
         x, y = a.to(dtype), b.to(dtype)

@@ -1,11 +1,11 @@
-"""The streaming, resumable build: one (matrix, layer) partition at a time, read ∥ compute ∥ write.
+"""The streaming, resumable build: (matrix, layer) partitions, one per lane (a core) at a time.
 
 A partition is a pure function of (source, settings, matrix, layer) → an `atlas` and a `neurons`
 Parquet file, each written under a temporary name and renamed when complete. A completion marker in
 `<out>/.state/atlas/<model>/` records the partition and the settings it was built with; a rerun skips
 marked partitions, so a run killed at any moment resumes to the same atlas. One file lock per model
-keeps two builds from writing the same atlas at once. Memory holds the LM head, the layer being
-projected, the next one being read and the previous one's results being written.
+keeps two builds from writing the same atlas at once. Memory holds the LM head and, per lane, the
+partition being read, projected and written.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import os
 import resource
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
@@ -234,30 +234,37 @@ class AtlasJob:
             run_engine(self.cfg, todo, bar.update)
 
     def execute(self, todo: list[Partition], progress: bool) -> None:
-        """Project and write `todo` here: read ∥ compute ∥ write; the shard function of every engine."""
-        with exact_matmul():
-            self._execute_exactly(todo, progress)
+        """Project and write `todo` here, a partition per lane at a time; the shard function of every engine.
 
-    def _execute_exactly(self, todo: list[Partition], progress: bool) -> None:
-        head = self._head()
-        texts = pa.array(self.tokens.text, pa.string())
-        bar = tqdm(total=len(todo), desc=f"atlas {self.model}", unit="part", file=sys.stderr,
-                   disable=None if progress else True)
-        with ThreadPoolExecutor(1, "atlas-read") as reader, ThreadPoolExecutor(1, "atlas-write") as writer:
-            next_read = reader.submit(self._load, todo[0])
-            pending_write = None
-            for i, part in enumerate(todo):
-                vectors, norms = next_read.result()
-                if i + 1 < len(todo):
-                    next_read = reader.submit(self._load, todo[i + 1])
-                bar.set_postfix(layer=part.layer, matrix=part.matrix, refresh=False)
-                blocks = self._project(vectors, norms, head)
-                if pending_write is not None:
-                    pending_write.result()
-                pending_write = writer.submit(self._write, part, blocks, texts)
-                bar.update()
-            pending_write.result()
-        bar.close()
+        On the CPU a lane is one core: each runs its own single-threaded products and compiled scans
+        with no synchronisation between cores, and reads and writes overlap others' computing. On an
+        accelerator two lanes keep it busy while one reads or writes.
+        """
+        threads = torch.get_num_threads()
+        lanes, per_lane = (threads, 1) if self.device.type == "cpu" else (2, threads)
+        with exact_matmul():
+            head = self._head()  # with every core, before the lanes take one each
+            texts = pa.array(self.tokens.text, pa.string())
+            bar = tqdm(total=len(todo), desc=f"atlas {self.model}", unit="part", file=sys.stderr,
+                       disable=None if progress else True)
+            try:
+                with ThreadPoolExecutor(lanes, "atlas-lane", initializer=torch.set_num_threads,
+                                        initargs=(per_lane,)) as pool:
+                    futures = [pool.submit(self._build_partition, part, head, texts) for part in todo]
+                    try:
+                        for done in as_completed(futures):
+                            done.result()
+                            bar.update()
+                    except BaseException:
+                        pool.shutdown(cancel_futures=True)  # partitions already running finish and are kept
+                        raise
+            finally:
+                torch.set_num_threads(threads)  # a lane's setting is torch's global one too
+                bar.close()
+
+    def _build_partition(self, part: Partition, head: Head, texts: pa.Array) -> None:
+        vectors, norms = self._load(part)
+        self._write(part, self._project(vectors, norms, head), texts)
 
 
 def peak_rss_bytes() -> int:

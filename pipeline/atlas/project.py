@@ -20,7 +20,9 @@ import torch
 from pipeline.atlas import certified
 from pipeline.atlas.certified import FastHead
 
-VOCAB_CHUNK = 8192
+CPU_CHUNK = 512  # a [block, chunk] slice of logits stays in cache (bench/atlas_speed.py times the shapes)
+ACCELERATOR_CHUNK = 1 << 16  # GPUs: few large products
+STATS_CHUNK = 8192
 EXTRA_CANDIDATES = {torch.float32: 8, torch.bfloat16: 128}  # beyond k: >99% of SmolLM2 rows certify
 
 
@@ -34,9 +36,9 @@ class Head:
     fast: FastHead  # the head in the compute dtype, for the candidate pass
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype = torch.float32, chunk: int = VOCAB_CHUNK) -> Head:
+    def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype = torch.float32, chunk: int = STATS_CHUNK) -> Head:
         """Row mean and covariance, accumulated in float64 over chunks (the head can be GBs)."""
-        weight = weight.float()
+        weight = weight.float().contiguous()
         vocab, d = weight.shape
         mean = (sum(weight[i:i + chunk].double().sum(0) for i in range(0, vocab, chunk)) / vocab).float()
         cov = torch.zeros(d, d, dtype=torch.float64, device=weight.device)
@@ -72,7 +74,7 @@ def fold_gain(vectors: torch.Tensor, gain: torch.Tensor | None, center: bool) ->
     return vectors
 
 
-def project_block(vectors: torch.Tensor, head: Head, k: int, chunk: int = VOCAB_CHUNK,
+def project_block(vectors: torch.Tensor, head: Head, k: int, chunk: int | None = None,
                   candidates: int | None = None) -> Projection:
     """Project `[n, d]` vectors through the head and keep the top-k and bottom-k tokens of each.
 
@@ -81,12 +83,16 @@ def project_block(vectors: torch.Tensor, head: Head, k: int, chunk: int = VOCAB_
     """
     vocab = head.weight.shape[0]
     k = min(k, vocab)
+    chunk = chunk or (CPU_CHUNK if vectors.device.type == "cpu" else ACCELERATOR_CHUNK)
     c = min(vocab, candidates or k + EXTRA_CANDIDATES[head.fast.dtype])
     tv, ti, bv, bi = certified.candidates(vectors, head.fast, max(c, k), chunk)
     eps = certified.error_bound(vectors, head.fast, torch.maximum(tv[:, 0].abs(), bv[:, 0].abs()))
     ok = certified.certified(tv, k, eps, vocab) & certified.certified(bv, k, eps, vocab)
-    top = _sort_by_value_then_id(certified.rescore(vectors, head.weight, ti), ti)
-    bottom = _sort_by_value_then_id(-certified.rescore(vectors, head.weight, bi), bi)
+    mt, mb = certified.contenders(tv, k, eps, ok), certified.contenders(bv, k, eps, ok)
+    ti, bi = ti[:, :mt], bi[:, :mb]
+    exact = certified.rescore(vectors, head.weight, torch.cat([ti, bi], 1))
+    top = _sort_by_value_then_id(exact[:, :mt], ti)
+    bottom = _sort_by_value_then_id(-exact[:, mt:], bi)
     tv, ti, bv, bi = top[0][:, :k], top[1][:, :k], bottom[0][:, :k], bottom[1][:, :k]
     if not ok.all():
         rows = (~ok).nonzero().squeeze(1)

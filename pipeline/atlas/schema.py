@@ -34,6 +34,7 @@ NEURONS = pa.schema([
     # the k ids of each side in rank order, so comparisons need not regroup the long `atlas` table
     ("top_token_ids", pa.list_(pa.int32())), ("bottom_token_ids", pa.list_(pa.int32())),
 ])
+LOW_CARDINALITY = ("model", "matrix", "side")  # string columns worth a dictionary: a few distinct values
 TOKENS = pa.schema([
     ("model", pa.string()), ("token_id", pa.int32()), ("token", pa.string()), ("piece", pa.string()),
     ("raw", pa.binary()), ("is_special", pa.bool_()), ("is_word", pa.bool_()),
@@ -117,7 +118,9 @@ def atomic_parquet(path: Path, schema: pa.Schema, metadata: dict) -> Iterator[pq
     """Write `path.tmp`, rename onto `path` only when complete; delete the temporary file on error."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    writer = pq.ParquetWriter(tmp, schema.with_metadata(kv_metadata(metadata)), compression="zstd")
+    few_values = [c for c in LOW_CARDINALITY if c in schema.names]  # dictionary-encoding the rest costs time
+    writer = pq.ParquetWriter(tmp, schema.with_metadata(kv_metadata(metadata)), compression="zstd",
+                              use_dictionary=few_values)
     try:
         yield writer
         writer.close()

@@ -1,0 +1,61 @@
+"""The CPU kernels (scan, exact rescoring) against torch's topk and float64 products, ties and ragged chunks included."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.atlas import certified, kernels
+from pipeline.atlas.certified import FastHead
+
+
+def running_scan(logits: np.ndarray, c: int, chunk: int) -> tuple[np.ndarray, ...]:
+    n = logits.shape[0]
+    state = (np.full((n, c), -np.inf, np.float32), np.zeros((n, c), np.int64),
+             np.full((n, c), np.inf, np.float32), np.zeros((n, c), np.int64))
+    for s in range(0, logits.shape[1], chunk):
+        kernels.scan_chunk(logits[:, s:s + chunk], s, *state)
+    return state
+
+
+@pytest.mark.parametrize("chunk", [1, 31, 32, 100, 5000])
+def test_scan_keeps_the_c_largest_and_smallest_values_with_their_ids(chunk):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 3001, generator=g)
+    logits[:, 2000:2500] = logits[:, 100:600]  # repeated values: ties everywhere
+    logits[3] = 0.5  # a constant row
+    logits[7, ::97] = 9.0  # the top spread over many blocks, tied
+    tv, ti, bv, bi = running_scan(logits.numpy(), 25, chunk)
+    top, bottom = logits.topk(25, dim=1), logits.topk(25, dim=1, largest=False)
+    assert np.array_equal(tv, top.values.numpy()) and np.array_equal(bv, bottom.values.numpy())
+    for values, ids in ((tv, ti), (bv, bi)):  # each id holds its value, no id twice
+        assert np.array_equal(np.take_along_axis(logits.numpy(), ids, 1), values)
+        assert all(len(set(row)) == len(row) for row in ids.tolist())
+
+
+def test_scan_and_topk_candidates_agree_in_fp32_and_bf16():
+    g = torch.Generator().manual_seed(1)
+    head, vectors = torch.randn(2500, 64, generator=g), torch.randn(30, 64, generator=g)
+    head[1000:1010] = head[5]  # duplicated rows tie exactly
+    for dtype in (torch.float32, torch.bfloat16):
+        fast = FastHead.from_weight(head, dtype)
+        v = vectors.to(dtype)
+        scan, topk = certified.scan_candidates(v, fast, 40, 300), certified.topk_candidates(v, fast, 40, 300)
+        assert torch.equal(scan[0], topk[0]) and torch.equal(scan[2], topk[2])  # values; tied ids may differ
+        for values, ids in ((scan[0], scan[1]), (-scan[2], scan[3])):
+            exact = (v.float() @ fast.weight.float().T).gather(1, ids)
+            rtol = 2 ** -8 if dtype == torch.bfloat16 else 0  # bf16 rounds each product's output once
+            torch.testing.assert_close(exact, values, rtol=rtol, atol=1e-5)
+
+
+def test_rescore_is_the_float64_dot_product_rounded_once():
+    g = torch.Generator().manual_seed(2)
+    head, vectors = torch.randn(3000, 130, generator=g), torch.randn(50, 130, generator=g) * 4
+    head[7] = head[11]
+    ids = torch.randint(0, 3000, (50, 33), generator=g)
+    ids[:, 0], ids[:, 1] = 7, 11
+    ours = certified.rescore(vectors, head, ids)
+    exact = (vectors.double()[:, None, :] * head.double()[ids]).sum(-1)
+    torch.testing.assert_close(ours, exact.float(), rtol=0, atol=0)
+    assert torch.equal(ours[:, 0], ours[:, 1])  # identical rows, identical values
+    torch.testing.assert_close(certified.bmm_rescore(vectors, head, ids), ours, rtol=0, atol=0)

@@ -19,7 +19,8 @@ import numba
 import numpy as np
 
 BLOCK = 32
-LANES = 8  # partial sums of `rescore`
+LANES = 8  # partial sums per row in `rescore`
+ROWS = 8  # head rows `rescore` sums side by side
 _FAST = {"nnan", "nsz", "reassoc"}  # max/min reductions only; no value is NaN, infinities stay exact
 
 
@@ -68,21 +69,33 @@ def scan_chunk(logits, offset, top_values, top_ids, bottom_values, bottom_ids):
 
 @numba.njit(nogil=True, cache=True)
 def rescore(vectors, weight, ids, out):
-    """`out[r, j]` = vectors[r] · weight[ids[r, j]], summed in float64 in a fixed order, stored in fp32."""
+    """`out[r, j]` = vectors[r] · weight[ids[r, j]], summed in float64 in a fixed order, stored in fp32.
+
+    ROWS head rows are summed side by side, so their cache misses overlap (a row at a time waits on
+    memory for each); each row's own sum keeps LANES partial sums over t, combined pairwise.
+    """
     n, m = ids.shape
     d = vectors.shape[1]
     body = d - d % LANES
     v = np.empty(d, np.float64)
-    acc = np.empty(LANES, np.float64)
+    acc = np.empty((ROWS, LANES), np.float64)
+    rows = np.empty(ROWS, np.int64)
     for r in range(n):
         for t in range(d):
             v[t] = vectors[r, t]
-        for j in range(m):
-            h = weight[ids[r, j]]
+        for first in range(0, m, ROWS):
+            k = min(ROWS, m - first)
+            for p in range(k):
+                rows[p] = ids[r, first + p]
             acc[:] = 0.0
             for t in range(0, body, LANES):
-                for q in range(LANES):  # independent partial sums: vectorised without reordering any sum
-                    acc[q] += v[t + q] * np.float64(h[t + q])
-            for t in range(body, d):
-                acc[0] += v[t] * np.float64(h[t])
-            out[r, j] = np.float32(((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])))
+                for p in range(k):
+                    h = weight[rows[p]]
+                    for q in range(LANES):  # independent partial sums: no sum is reordered
+                        acc[p, q] += v[t + q] * np.float64(h[t + q])
+            for p in range(k):
+                h = weight[rows[p]]
+                for t in range(body, d):
+                    acc[p, 0] += v[t] * np.float64(h[t])
+                a = acc[p]
+                out[r, first + p] = np.float32(((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])))

@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from fresh_build import fresh_build
 
 from pipeline.arch import ArchAdapter
+from pipeline.atlas.job import lane_pool
 from pipeline.atlas.project import CPU_CHUNK, Head, project_block
 from pipeline.config import AtlasConfig
 from pipeline.sources import open_source, resolve
@@ -34,17 +34,6 @@ BLOCK = AtlasConfig.block_size  # the build's defaults
 ROOF_BLOCKS = (256, 512, 1024)
 ROOF_CHUNKS = (512, 1024, 4096)
 ROOF_SAMPLE = (1024, 16384)  # neurons × vocabulary rows timed per shape: the rate, not the size, matters
-
-
-def best_time(fn, repeats: int) -> float:
-    """The fastest of `repeats` runs after one warm-up: the least disturbed by other work on the machine."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def interleaved_best(fns: dict, repeats: int) -> dict[str, float]:
@@ -58,6 +47,11 @@ def interleaved_best(fns: dict, repeats: int) -> dict[str, float]:
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
     return best
+
+
+def best_time(fn, repeats: int) -> float:
+    """The fastest of `repeats` runs after one warm-up: the least disturbed by other work on the machine."""
+    return interleaved_best({"run": fn}, repeats)["run"]
 
 
 def bare_product(head: torch.Tensor, vectors: torch.Tensor, dtype: torch.dtype, block: int, chunk: int):
@@ -100,10 +94,8 @@ def roofline(head: torch.Tensor, vectors: torch.Tensor, repeats: int) -> dict[st
 
 def in_lanes(fn, items: list, lanes: int) -> None:
     """`fn` over `items` in `lanes` threads of one torch thread each, as `atlas build` runs partitions."""
-    threads = torch.get_num_threads()
-    with ThreadPoolExecutor(lanes, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with lane_pool(lanes, 1) as pool:
         list(pool.map(fn, items))
-    torch.set_num_threads(threads)
 
 
 def naive_layer(vectors: torch.Tensor, head: torch.Tensor, k: int) -> None:

@@ -12,8 +12,9 @@ for fp32, whose rounding the accumulation term covers), each approximate logit `
 maxima over the vocabulary give one bound ε per neuron. Keep the c > k best approximate tokens: any
 other token t has a_t ≤ a_c, so if a_c < a_k − 2ε then w·h_t ≤ a_t + ε < a_k − ε, below k kept
 tokens' true logits: t is not in the exact top-k. By the same margin only candidates within 2ε of a_k
-can be in it; those are re-scored with float64 sums and ordered by (value desc, id asc); rows where the margin does not hold (ties at the cut, dead neurons)
-are recomputed in float64 over the whole vocabulary. Either way the atlas is the same on every device
+can be in it; those are re-scored with float64 sums and ordered by (value desc, id asc). Rows where
+the margin does not hold (ties at the cut, dead neurons) are recomputed in float64 over the whole
+vocabulary. Either way the atlas is the same on every device
 and dtype: the order of the true logits, stored in fp32.
 """
 from __future__ import annotations

@@ -14,9 +14,11 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -245,26 +247,33 @@ class AtlasJob:
         with exact_matmul():
             head = self._head()  # with every core, before the lanes take one each
             texts = pa.array(self.tokens.text, pa.string())
-            bar = tqdm(total=len(todo), desc=f"atlas {self.model}", unit="part", file=sys.stderr,
-                       disable=None if progress else True)
-            try:
-                with ThreadPoolExecutor(lanes, "atlas-lane", initializer=torch.set_num_threads,
-                                        initargs=(per_lane,)) as pool:
-                    futures = [pool.submit(self._build_partition, part, head, texts) for part in todo]
-                    try:
-                        for done in as_completed(futures):
-                            done.result()
-                            bar.update()
-                    except BaseException:
-                        pool.shutdown(cancel_futures=True)  # partitions already running finish and are kept
-                        raise
-            finally:
-                torch.set_num_threads(threads)  # a lane's setting is torch's global one too
-                bar.close()
+            with tqdm(total=len(todo), desc=f"atlas {self.model}", unit="part", file=sys.stderr,
+                      disable=None if progress else True) as bar, lane_pool(lanes, per_lane) as pool:
+                futures = [pool.submit(self._build_partition, part, head, texts) for part in todo]
+                try:
+                    for done in as_completed(futures):
+                        done.result()
+                        bar.update()
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)  # partitions already running finish and are kept
+                    raise
 
     def _build_partition(self, part: Partition, head: Head, texts: pa.Array) -> None:
         vectors, norms = self._load(part)
         self._write(part, self._project(vectors, norms, head), texts)
+
+
+@contextmanager
+def lane_pool(lanes: int, per_lane: int) -> Iterator[ThreadPoolExecutor]:
+    """Threads that each run torch ops on `per_lane` threads; torch's thread count is restored after,
+    because a lane's setting is also torch's global one."""
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(lanes, "atlas-lane", initializer=torch.set_num_threads,
+                                initargs=(per_lane,)) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(threads)
 
 
 def peak_rss_bytes() -> int:

@@ -10,27 +10,34 @@ from pipeline.atlas.certified import FastHead
 
 
 def running_scan(logits: np.ndarray, c: int, chunk: int) -> tuple[np.ndarray, ...]:
-    n = logits.shape[0]
-    state = (np.full((n, c), -np.inf, np.float32), np.zeros((n, c), np.int64),
-             np.full((n, c), np.inf, np.float32), np.zeros((n, c), np.int64))
+    """The c largest and c smallest values of each row with their ids, by the scan a chunk at a time."""
+    n, width = logits.shape[0], -(-c // kernels.BLOCK) * kernels.BLOCK
+    state = (np.full((n, width), -np.inf, np.float32), np.zeros((n, width), np.int64),
+             np.full((n, width), -np.inf, np.float32), np.zeros((n, width), np.int64))
     for s in range(0, logits.shape[1], chunk):
         kernels.scan_chunk(logits[:, s:s + chunk], s, *state)
-    return state
+    kernels.sort_rows(*state[:2])
+    kernels.sort_rows(*state[2:])
+    return state[0][:, :c], state[1][:, :c], -state[2][:, :c], state[3][:, :c]
 
 
+@pytest.mark.parametrize("c", [25, 32])
 @pytest.mark.parametrize("chunk", [1, 31, 32, 100, 5000])
-def test_scan_keeps_the_c_largest_and_smallest_values_with_their_ids(chunk):
+def test_scan_keeps_the_c_largest_and_smallest_values_lower_ids_first_on_ties(chunk, c):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(40, 3001, generator=g)
     logits[:, 2000:2500] = logits[:, 100:600]  # repeated values: ties everywhere
     logits[3] = 0.5  # a constant row
     logits[7, ::97] = 9.0  # the top spread over many blocks, tied
-    tv, ti, bv, bi = running_scan(logits.numpy(), 25, chunk)
-    top, bottom = logits.topk(25, dim=1), logits.topk(25, dim=1, largest=False)
-    assert np.array_equal(tv, top.values.numpy()) and np.array_equal(bv, bottom.values.numpy())
-    for values, ids in ((tv, ti), (bv, bi)):  # each id holds its value, no id twice
-        assert np.array_equal(np.take_along_axis(logits.numpy(), ids, 1), values)
-        assert all(len(set(row)) == len(row) for row in ids.tolist())
+    logits[9, -40:] = -9.0  # the bottom in the ragged tail
+    logits[11, :40], logits[11, 100:110] = 5.0, 6.0  # later, larger values push out the highest tied ids
+    tv, ti, bv, bi = running_scan(logits.numpy(), c, chunk)
+    x = logits.numpy()
+    ids = np.arange(x.shape[1])
+    for values, kept, sign in ((tv, ti, 1), (bv, bi, -1)):  # reference: sort by (value, then lower id)
+        order = np.stack([np.lexsort((ids, -sign * row))[:c] for row in x])
+        assert np.array_equal(kept, order)
+        assert np.array_equal(values, np.take_along_axis(x, order, 1))
 
 
 def test_scan_and_topk_candidates_agree_in_fp32_and_bf16():

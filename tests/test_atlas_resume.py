@@ -56,6 +56,21 @@ def test_rerun_after_a_crash_resumes_and_matches_an_uninterrupted_run(deep_model
     assert_same_atlas(tmp_path / "clean", tmp_path / "crashed")
 
 
+def test_a_rerun_restores_a_missing_tokens_table_without_rebuilding_partitions(deep_model, tmp_path, monkeypatch):
+    from pipeline.atlas import job
+
+    assert run_cli("build", deep_model, "--out", tmp_path / "clean", "-q").exit_code == 0
+    real = job.AtlasJob._write_tokens
+    monkeypatch.setattr(job.AtlasJob, "_write_tokens", lambda self: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):  # the tokens table is written beside the partitions, which all finish
+        run_cli("build", deep_model, "--out", tmp_path / "partial", "-q")
+    assert not list((tmp_path / "partial" / "tokens").rglob("*.parquet"))
+    monkeypatch.setattr(job.AtlasJob, "_write_tokens", real)
+    result = run_cli("build", deep_model, "--out", tmp_path / "partial")
+    assert result.exit_code == 0 and "36 partitions already built, skipped" in result.stderr
+    assert_same_atlas(tmp_path / "clean", tmp_path / "partial")
+
+
 def test_kill_9_at_any_moment_then_rerun_gives_the_same_atlas(deep_model, tmp_path):
     assert run_cli("build", deep_model, "--out", tmp_path / "clean", "-q").exit_code == 0
     out = tmp_path / "killed"

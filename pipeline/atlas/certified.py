@@ -98,16 +98,19 @@ def scan_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int) -> tupl
     n, vocab = v.shape[0], fast.weight.shape[0]
     out = torch.empty(n, chunk, dtype=fast.dtype)  # one chunk of logits, reused
     wide = out if fast.dtype == torch.float32 else torch.empty(n, chunk)
-    top_v, bottom_v = torch.full((n, c), -torch.inf), torch.full((n, c), torch.inf)
-    top_i, bottom_i = torch.zeros(n, c, dtype=torch.long), torch.zeros(n, c, dtype=torch.long)
-    state = top_v.numpy(), top_i.numpy(), bottom_v.numpy(), bottom_i.numpy()
+    width = -(-c // kernels.BLOCK) * kernels.BLOCK  # the scan's sets hold a multiple of its block: a few more
+    sets = [torch.full((n, width), -torch.inf) if i % 2 == 0 else torch.zeros(n, width, dtype=torch.long)
+            for i in range(4)]  # top values, ids; negated bottom values, ids
+    state = [t.numpy() for t in sets]
     for s in range(0, vocab, chunk):
         rows = fast.weight[s:s + chunk]
         logits = torch.matmul(v, rows.T, out=out[:, :len(rows)])
         if wide is not out:
             logits = wide[:, :len(rows)].copy_(logits)
         kernels.scan_chunk(logits.numpy(), s, *state)
-    return top_v, top_i, -bottom_v, bottom_i
+    kernels.sort_rows(*state[:2])
+    kernels.sort_rows(*state[2:])
+    return tuple(t[:, :c] for t in sets)
 
 
 def _keep(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], c: int):

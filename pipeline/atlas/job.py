@@ -143,9 +143,13 @@ class AtlasJob:
             skipped = len(self.layers) * len(self.matrices) - len(todo)
             if skipped:
                 log(f"{self.model}: {skipped} partitions already built, skipped (--force recomputes them)")
-            if todo:
-                self._write_tokens()
-                self._run_partitions(todo, progress)
+            if todo or not schema.tokens_path(self.cfg.out, self.model).exists():
+                self.dtype  # measured once, before two threads would both want it
+                with ThreadPoolExecutor(1, "atlas-tokens") as side:
+                    tokens = side.submit(self._write_tokens)  # while the partitions are built
+                    if todo:
+                        self._run_partitions(todo, progress)
+                    tokens.result()
         finally:
             lock.release()
         return BuildReport(self.model, self.cfg.out, len(todo), skipped, time.perf_counter() - t0, peak_rss_bytes())

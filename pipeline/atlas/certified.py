@@ -95,19 +95,23 @@ def topk_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int) -> tupl
 
 def scan_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int) -> tuple[torch.Tensor, ...]:
     """`candidates` by the compiled scan (kernels.py) over each chunk while it is in cache: the CPU."""
-    n, vocab = v.shape[0], fast.weight.shape[0]
-    out = torch.empty(n, chunk, dtype=fast.dtype)  # one chunk of logits, reused
-    wide = out if fast.dtype == torch.float32 else torch.empty(n, chunk)
+    n = v.shape[0]
     width = -(-c // kernels.BLOCK) * kernels.BLOCK  # the scan's sets hold a multiple of its block: a few more
     sets = [torch.full((n, width), -torch.inf) if i % 2 == 0 else torch.zeros(n, width, dtype=torch.long)
             for i in range(4)]  # top values, ids; negated bottom values, ids
     state = [t.numpy() for t in sets]
-    for s in range(0, vocab, chunk):
-        rows = fast.weight[s:s + chunk]
-        logits = torch.matmul(v, rows.T, out=out[:, :len(rows)])
-        if wide is not out:
-            logits = wide[:, :len(rows)].copy_(logits)
-        kernels.scan_chunk(logits.numpy(), s, *state)
+    out = torch.empty(n, chunk, dtype=fast.dtype)  # one chunk of logits, reused
+    convert = fast.dtype != torch.float32
+    wide = torch.empty(n, chunk) if convert else out
+    logits = wide.numpy()
+    for i, rows in enumerate(fast.weight.split(chunk)):
+        if len(rows) < chunk:  # the last, ragged chunk
+            out, wide = out[:, :len(rows)], wide[:, :len(rows)]
+            logits = wide.numpy()
+        torch.matmul(v, rows.T, out=out)
+        if convert:
+            wide.copy_(out)
+        kernels.scan_chunk(logits, i * chunk, *state)
     kernels.sort_rows(*state[:2])
     kernels.sort_rows(*state[2:])
     return tuple(t[:, :c] for t in sets)

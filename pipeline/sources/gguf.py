@@ -2,7 +2,8 @@
 
 The header is walked here rather than by `gguf.GGUFReader`, which builds numpy views for every part of
 every metadata value (5 s for SmolLM2's 100,000 tokenizer strings, against 0.1 s for a plain walk).
-Dequantisation and the quantisation types' sizes are the `gguf` package's.
+Dequantisation and the quantisation types' sizes are the `gguf` package's (Q8_0, common for LM heads, is
+dequantised here with torch's threads, to the same values).
 """
 from __future__ import annotations
 
@@ -102,6 +103,14 @@ def _parse(buf: mmap.mmap) -> tuple[dict[str, object], dict[str, GGUFTensor]]:
     return fields, tensors
 
 
+def _q8_0(data: np.ndarray) -> torch.Tensor:
+    """Q8_0 blocks (an fp16 scale, 32 int8) to float32 with torch's threads: the same products as the
+    gguf package's numpy code, 8× faster on a Q8_0 LM head (often the one tensor kept at 8 bits)."""
+    blocks = torch.from_numpy(data.copy()).reshape(-1, 34)  # the memory map is read-only
+    scale = blocks[:, :2].contiguous().view(torch.float16).float()
+    return blocks[:, 2:].contiguous().view(torch.int8).float() * scale
+
+
 class GGUFSource:
     """A `.gguf` file as a `WeightSource`: names are GGUF names, data comes back in HF `[out, in]` order."""
 
@@ -141,13 +150,15 @@ class GGUFSource:
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         t = self._tensor(name)
-        data = t.data if rows is None else t.data[rows]  # quantised rows are whole blocks: slice first
-        arr = dequantize(np.ascontiguousarray(data), t.tensor_type).astype(np.float32, copy=False)
-        if not arr.flags.writeable:  # F32 tensors come back as the read-only memory map itself
-            arr = arr.copy()
+        data = np.ascontiguousarray(t.data if rows is None else t.data[rows])  # rows are whole blocks
+        if t.tensor_type == GGMLQuantizationType.Q8_0:
+            values = _q8_0(data)
+        else:
+            arr = dequantize(data, t.tensor_type).astype(np.float32, copy=False)
+            values = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # F32: the read-only map
         shape = self.shape(name)
         n = shape[0] if rows is None else len(range(*rows.indices(shape[0])))
-        return torch.from_numpy(arr.reshape((n, *shape[1:]) if len(shape) > 1 else shape))
+        return values.reshape((n, *shape[1:]) if len(shape) > 1 else shape)
 
     def files(self) -> list[Path]:
         return [self.path]

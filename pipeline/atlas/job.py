@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.arch import ArchAdapter
-from pipeline.atlas import schema
+from pipeline.atlas import kernels, schema
 from pipeline.atlas.certified import exact_matmul, fastest_dtype
 from pipeline.atlas.engines import run_engine
 from pipeline.atlas.project import Head, Projection, fold_gain, project_block
@@ -249,7 +249,10 @@ class AtlasJob:
         threads = torch.get_num_threads()
         lanes, per_lane = (threads, 1) if self.device.type == "cpu" else (2, threads)
         with exact_matmul():
-            head = self._head()  # with every core, before the lanes take one each
+            with ThreadPoolExecutor(1, "atlas-kernels") as side:
+                if self.device.type == "cpu":
+                    side.submit(kernels.warm_up)
+                head = self._head()  # with every core, before the lanes take one each
             texts = pa.array(self.tokens.text, pa.string())
             with tqdm(total=len(todo), desc=f"atlas {self.model}", unit="part", file=sys.stderr,
                       disable=None if progress else True) as bar, lane_pool(lanes, per_lane) as pool:

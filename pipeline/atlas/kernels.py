@@ -198,3 +198,12 @@ def rescore(vectors, weight, ids, out):
         for j in range(m):
             following = ids[r, j + 1] if j + 1 < m else ids[min(r + 1, n - 1), 0]
             out[r, j] = np.float32(_dot_float64(vectors[r], weight[ids[r, j]], weight[following]))
+
+
+def warm_up() -> None:
+    """Load the compiled kernels: numba's first call in a process sets up its compiler (about 0.3 s),
+    better spent beside the head's preparation than holding up the lanes."""
+    values, ids = np.full((1, BLOCK), -np.inf, np.float32), np.zeros((1, BLOCK), np.int64)
+    scan_chunk(np.zeros((1, BLOCK), np.float32), 0, values, ids, values.copy(), ids.copy())
+    sort_rows(values, ids)
+    rescore(values, values, ids, values)

@@ -95,16 +95,11 @@ def _admit(values, ids, bound, x, token):
     slot = -1
     for s in range(0, values.shape[0], BLOCK):
         equal = _equal(values, s, bound)
-        if equal:
+        while equal:  # usually one member holds the worst value
             i = s + np.int64(_lowest_bit(equal))
+            equal &= equal - np.uint64(1)
             if slot < 0 or ids[i] > ids[slot]:
                 slot = i
-            equal &= equal - np.uint64(1)
-            while equal:  # ties for the worst value: rare
-                i = s + np.int64(_lowest_bit(equal))
-                equal &= equal - np.uint64(1)
-                if ids[i] > ids[slot]:
-                    slot = i
     values[slot] = x
     ids[slot] = token
     return _worst(values)

@@ -110,7 +110,9 @@ def scan_chunk(logits, offset, top_values, top_ids, bottom_values, bottom_ids):
     """Fold a `[n, m]` chunk of logits (token ids `offset…offset+m−1`) into the running sets of each row:
     the c largest logits and the c largest negated logits. c is a multiple of BLOCK; a set starts at −inf."""
     n, m = logits.shape
-    if m > 0 and logits.strides[1] != logits.itemsize or top_values.shape[1] % BLOCK:
+    adjacent = (m == 0 or logits.strides[1] == logits.itemsize) and top_values.strides[1] == top_values.itemsize \
+        and bottom_values.strides[1] == bottom_values.itemsize
+    if not adjacent or top_values.shape[1] % BLOCK or bottom_values.shape[1] % BLOCK:
         raise ValueError("scan_chunk needs rows of adjacent values and sets of a multiple of 32")
     full = m - m % BLOCK
     for r in range(n):

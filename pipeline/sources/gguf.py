@@ -104,9 +104,10 @@ def _parse(buf: mmap.mmap) -> tuple[dict[str, object], dict[str, GGUFTensor]]:
 
 
 def _q8_0(data: np.ndarray) -> torch.Tensor:
-    """Q8_0 blocks (an fp16 scale, 32 int8) to float32 with torch's threads: the same products as the
-    gguf package's numpy code, 8× faster on a Q8_0 LM head (often the one tensor kept at 8 bits)."""
-    blocks = torch.from_numpy(data.copy()).reshape(-1, 34)  # the memory map is read-only
+    """Q8_0 blocks (an fp16 scale, then int8 values) to float32 with torch's threads: the same products as
+    the gguf package's numpy code, 0.12 s against 0.34 on SmolLM2's LM head (often the one 8-bit tensor)."""
+    _, size = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
+    blocks = torch.from_numpy(data.copy()).reshape(-1, size)  # the memory map is read-only
     scale = blocks[:, :2].contiguous().view(torch.float16).float()
     return blocks[:, 2:].contiguous().view(torch.int8).float() * scale
 

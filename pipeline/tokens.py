@@ -28,11 +28,15 @@ def _bytelevel_alphabet() -> dict[str, int]:
 
 
 _BYTE_OF = _bytelevel_alphabet()
+_TO_LATIN1 = str.maketrans({c: chr(b) for c, b in _BYTE_OF.items()})  # each byte as the one Latin-1 character
+_OUTSIDE_ALPHABET = re.compile(f"[^{re.escape(''.join(_BYTE_OF))}]")
 
 
 def piece_bytes(piece: str, style: str) -> bytes:
     """The bytes a vocabulary piece stands for."""
     if style == "bytelevel":
+        if not _OUTSIDE_ALPHABET.search(piece):  # nearly every piece: one translation, no loop in Python
+            return piece.translate(_TO_LATIN1).encode("latin-1")
         return b"".join(bytes([_BYTE_OF[c]]) if c in _BYTE_OF else c.encode() for c in piece)
     if style == "sentencepiece":
         m = _BYTE_PIECE.fullmatch(piece)

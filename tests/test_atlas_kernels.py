@@ -55,6 +55,27 @@ def test_scan_and_topk_candidates_agree_in_fp32_and_bf16():
             torch.testing.assert_close(exact, values, rtol=rtol, atol=1e-5)
 
 
+def test_floors_change_no_candidate_whether_or_not_c_values_pass_them():
+    g = torch.Generator().manual_seed(3)
+    head, vectors, c = torch.randn(5000, 48, generator=g), torch.randn(30, 48, generator=g), 28
+    head[4000:4040] = head[17]  # 41 equal rows: a floor can sit on a tie
+    vectors[0] = 0  # a dead row: every value equals its floor
+    vectors[1] = head[17]
+    fast = FastHead.from_weight(head)
+    logits = vectors @ head.T
+    top, bottom = logits.sort(1, descending=True).values, (-logits).sort(1, descending=True).values
+    # floors at the c-th value, just below or above it, deep inside the row, above every value, or none
+    picks = [c - 1, c, c - 2, 3 * c, 0, -1] * 5
+    floors = certified.Floors(*(torch.stack([
+        torch.tensor(-torch.inf) if pick < 0 else side[r, pick] + (1e30 if pick == 0 else 0)
+        for r, pick in enumerate(picks[j:] + picks[:j])]) for j, side in ((0, top), (1, bottom))))
+    passing = [(logits > floors.top[:, None]).sum(1), (-logits > floors.bottom[:, None]).sum(1)]
+    assert all(bool((n < c).any() and (n >= c).any()) for n in passing)  # both ways out of the scan are taken
+    plain = certified.scan_candidates(vectors, fast, c, 700)
+    floored = certified.scan_candidates(vectors, fast, c, 700, floors)
+    assert all(torch.equal(a, b) for a, b in zip(plain, floored))
+
+
 def test_rescore_is_the_float64_dot_product_rounded_once():
     g = torch.Generator().manual_seed(2)
     head, vectors = torch.randn(3000, 130, generator=g), torch.randn(50, 130, generator=g) * 4

@@ -8,6 +8,8 @@ def test_bytelevel_pieces_decode_to_their_bytes():
     assert piece_bytes("Ġdog", "bytelevel") == b" dog"
     assert piece_bytes("Ċ", "bytelevel") == b"\n"
     assert piece_bytes("âĢ", "bytelevel") == b"\xe2\x80"  # the first two bytes of '—'
+    # characters outside GPT-2's byte alphabet (a raw space, a soft hyphen, a CJK character) are their UTF-8
+    assert piece_bytes("Ġa b\u00ad漢é", "bytelevel") == b" a b" + "\u00ad漢".encode() + b"\xe9"
 
 
 def test_sentencepiece_pieces_decode_spaces_and_byte_tokens():

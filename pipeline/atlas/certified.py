@@ -19,11 +19,12 @@ and dtype: the order of the true logits, stored in fp32.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import NamedTuple
 
 import torch
 
@@ -31,6 +32,14 @@ from pipeline.atlas import kernels
 
 U_BF16 = 2.0 ** -8
 U_FP32 = 2.0 ** -24
+FLOOR_ABOVE = 8  # a scan starts where a normal row has 8·c values above (SmolLM2: 11 of 138,240 rows fall short)
+
+
+class Floors(NamedTuple):
+    """Per row `[n]`, the first bound of each side's scan: top values, and bottom values negated."""
+
+    top: torch.Tensor
+    bottom: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -70,14 +79,31 @@ def error_bound(vectors: torch.Tensor, fast: FastHead, max_abs_logit: torch.Tens
     return (pre + u * (max_abs_logit + pre)) / (1 - u)
 
 
-def candidates(vectors: torch.Tensor, fast: FastHead, c: int, chunk: int) -> tuple[torch.Tensor, ...]:
+def candidates(vectors: torch.Tensor, fast: FastHead, c: int, chunk: int, floors: Floors | None = None
+               ) -> tuple[torch.Tensor, ...]:
     """Approximate top-c and bottom-c (values sorted descending, ids) over the vocabulary, a chunk at a time.
 
     The bottom side comes back negated (the top of −logits), so both sides read the same way. The CPU
-    folds each chunk into running candidates with a compiled scan; accelerators run `topk` fast.
+    folds each chunk into running candidates with a compiled scan, starting from `floors` where given;
+    accelerators run `topk` fast.
     """
-    fn = scan_candidates if vectors.device.type == "cpu" else topk_candidates
-    return fn(vectors.to(fast.dtype), fast, min(c, fast.weight.shape[0]), chunk)
+    c = min(c, fast.weight.shape[0])
+    if vectors.device.type != "cpu":
+        return topk_candidates(vectors.to(fast.dtype), fast, c, chunk)
+    return scan_candidates(vectors.to(fast.dtype), fast, c, chunk, floors)
+
+
+def scan_floors(mean: torch.Tensor, std: torch.Tensor, c: int, vocab: int) -> Floors | None:
+    """Per row, the value that FLOOR_ABOVE·c logits would exceed on each side were they normal: a first bound
+    for the scan, which otherwise admits hundreds of values per row while its own bound climbs. Only a
+    guess: rows that fewer than c logits pass are scanned again without it (`scan_candidates`)."""
+    tail = FLOOR_ABOVE * c / vocab
+    if tail >= 0.5:
+        return None
+    z = NormalDist().inv_cdf(1 - tail)
+    usable = torch.isfinite(mean) & torch.isfinite(std) & (std > 0)
+    none = torch.full_like(mean, -torch.inf)
+    return Floors(torch.where(usable, mean + z * std, none), torch.where(usable, z * std - mean, none))
 
 
 def topk_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int) -> tuple[torch.Tensor, ...]:
@@ -93,13 +119,21 @@ def topk_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int) -> tupl
     return top[0], top[1], bottom[0], bottom[1]
 
 
-def scan_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int) -> tuple[torch.Tensor, ...]:
-    """`candidates` by the compiled scan (kernels.py) over each chunk while it is in cache: the CPU."""
+def scan_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int, floors: Floors | None = None
+                    ) -> tuple[torch.Tensor, ...]:
+    """`candidates` by the compiled scan (kernels.py) over each chunk while it is in cache: the CPU.
+
+    A set starts as `width` placeholders (id −1) at its row's floor (−inf without one), which only values
+    above it replace. A set is the `width` best of its row's values above the floor and the
+    placeholders, so if at least c real ids are left in it, they are the row's exact top c; rows with
+    fewer are scanned again from −inf.
+    """
     n = v.shape[0]
     width = -(-c // kernels.BLOCK) * kernels.BLOCK  # the scan's sets hold a multiple of its block: a few more
-    sets = [torch.full((n, width), -torch.inf) if i % 2 == 0 else torch.zeros(n, width, dtype=torch.long)
-            for i in range(4)]  # top values, ids; negated bottom values, ids
-    state = [t.numpy() for t in sets]
+    start = floors or Floors(torch.full((n,), -torch.inf), torch.full((n,), -torch.inf))
+    sets = [start.top[:, None].expand(n, width).float().contiguous(), torch.full((n, width), -1),
+            start.bottom[:, None].expand(n, width).float().contiguous(), torch.full((n, width), -1)]
+    state = [t.numpy() for t in sets]  # top values, ids; negated bottom values, ids
     out = torch.empty(n, chunk, dtype=fast.dtype)  # one chunk of logits, reused
     convert = fast.dtype != torch.float32
     wide = torch.empty(n, chunk) if convert else out
@@ -114,7 +148,12 @@ def scan_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int) -> tupl
         kernels.scan_chunk(logits, i * chunk, *state)
     kernels.sort_rows(*state[:2])
     kernels.sort_rows(*state[2:])
-    return tuple(t[:, :c] for t in sets)
+    found = tuple(t[:, :c] for t in sets)
+    short = ((found[1][:, -1] < 0) | (found[3][:, -1] < 0)).nonzero().squeeze(1)
+    if floors is not None and len(short):
+        for kept, again in zip(found, scan_candidates(v[short], fast, c, chunk)):
+            kept[short] = again
+    return found
 
 
 def _keep(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], c: int):

@@ -9,9 +9,10 @@ a chunk of logits 32 values at a time, as one vector compared with each bound (`
 vector compares and a bit mask), and visits only the values whose bit is set; after the first chunks few
 are (a new value enters the top c of t values seen with chance c/t). An admitted value replaces the
 worst member in place (`_admit`: a vector minimum over the set, no sorted list to shift); `sort_rows`
-orders the sets once at the end. On SmolLM2's logits, one core: 0.6–0.7 ns per logit, of which the
-compares take 0.2 and the ~220 admissions per row and side the rest (a sorted insertion list took
-1.1–1.4 ns, `torch.topk` on both sides several).
+orders the sets once at the end. On SmolLM2's logits, one core: 0.6–0.7 ns per logit from sets of −inf,
+of which the compares take 0.2 and the ~220 admissions per row and side the rest; 0.45–0.5 ns from sets
+that start at a floor (certified.scan_floors). A sorted insertion list took 1.1–1.4 ns, `torch.topk` on
+both sides several.
 
 `rescore` sums each neuron's dot product with its candidate rows in float64, in one fixed order (eight
 interleaved partial sums, a vector of doubles, then combined pairwise): the products of two fp32 values

@@ -37,10 +37,11 @@ class Head:
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype = torch.float32, chunk: int = STATS_CHUNK) -> Head:
-        """Row mean and covariance, accumulated in float64 over chunks (the head can be GBs)."""
+        """Row mean (fp32 cascade sums, exact to fp32 rounding) and covariance, accumulated in float64
+        over chunks (the head can be GBs)."""
         weight = weight.float().contiguous()
         vocab, d = weight.shape
-        mean = (sum(weight[i:i + chunk].double().sum(0) for i in range(0, vocab, chunk)) / vocab).float()
+        mean = weight.mean(0)
         cov = torch.zeros(d, d, dtype=torch.float64, device=weight.device)
         for i in range(0, vocab, chunk):
             c = weight[i:i + chunk] - mean  # [chunk, d]
@@ -84,8 +85,10 @@ def project_block(vectors: torch.Tensor, head: Head, k: int, chunk: int | None =
     vocab = head.weight.shape[0]
     k = min(k, vocab)
     chunk = chunk or (CPU_CHUNK if vectors.device.type == "cpu" else ACCELERATOR_CHUNK)
-    c = min(vocab, candidates or k + EXTRA_CANDIDATES[head.fast.dtype])
-    tv, ti, bv, bi = certified.candidates(vectors, head.fast, max(c, k), chunk)
+    c = max(k, min(vocab, candidates or k + EXTRA_CANDIDATES[head.fast.dtype]))
+    mean = vectors @ head.mean
+    std = ((vectors @ head.cov) * vectors).sum(1).clamp_min(0).sqrt()
+    tv, ti, bv, bi = certified.candidates(vectors, head.fast, c, chunk, certified.scan_floors(mean, std, c, vocab))
     eps = certified.error_bound(vectors, head.fast, torch.maximum(tv[:, 0].abs(), bv[:, 0].abs()))
     ok = certified.certified(tv, k, eps, vocab) & certified.certified(bv, k, eps, vocab)
     mt, mb = certified.contenders(tv, k, eps, ok), certified.contenders(bv, k, eps, ok)
@@ -97,8 +100,7 @@ def project_block(vectors: torch.Tensor, head: Head, k: int, chunk: int | None =
     if not ok.all():
         rows = (~ok).nonzero().squeeze(1)
         (tv[rows], ti[rows]), (bv[rows], bi[rows]) = _float64_topk(vectors[rows], head.weight, k, chunk)
-    var = ((vectors @ head.cov) * vectors).sum(1)
-    return Projection(ti, tv, bi, -bv, vectors @ head.mean, var.clamp_min(0).sqrt(), vectors.norm(dim=1))
+    return Projection(ti, tv, bi, -bv, mean, std, vectors.norm(dim=1))
 
 
 def _float64_topk(vectors: torch.Tensor, weight: torch.Tensor, k: int, chunk: int):

@@ -25,6 +25,7 @@ _SPECIAL_TYPES = (2, 3, 5)  # unknown, control, unused; 4 (user-defined) pieces 
 _VERSIONS = (2, 3)
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9  # the other GGUF value types
+_LENGTH = struct.Struct("<Q")  # a string's byte count
 _PLAIN = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
 
 
@@ -55,13 +56,27 @@ class _Cursor:
         self.pos += n
         return self.buf[self.pos - n:self.pos]
 
+    def strings(self, n: int) -> list[bytes]:
+        """`n` length-prefixed strings: a tokenizer's vocabulary and merges, 100,000 of them, in one loop."""
+        buf, pos, length_at, out = self.buf, self.pos, _LENGTH.unpack_from, []
+        for _ in range(n):
+            (size,) = length_at(buf, pos)
+            pos += 8 + size
+            out.append(buf[pos - size:pos])
+        if pos > len(buf):
+            raise struct.error("a string runs past the end of the file")
+        self.pos = pos
+        return out
+
     def value(self, kind: int) -> object:
         if kind == _STRING:
             return self.string()
         if kind != _ARRAY:
             return self.unpack(_SCALARS[kind])[0]
         item, n = self.unpack("IQ")
-        if item in (_STRING, _ARRAY):
+        if item == _STRING:
+            return self.strings(n)
+        if item == _ARRAY:
             return [self.value(item) for _ in range(n)]
         dtype = np.dtype("<" + _SCALARS[item])
         values = np.frombuffer(self.buf, dtype, n, self.pos)  # raises ValueError past the end

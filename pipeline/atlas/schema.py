@@ -50,10 +50,6 @@ def tokens_path(out: Path, model: str) -> Path:
     return out / "tokens" / f"model={model}" / "tokens.parquet"
 
 
-def _const(value: str, n: int) -> pa.Array:
-    return pc.take(pa.array([value]), pa.array(np.zeros(n, dtype=np.int32)))
-
-
 def atlas_rows(p: Projection, texts: pa.Array, model: str, matrix: str, layer: int, first: int) -> pa.Table:
     """Long format: for each neuron, its k top then k bottom tokens, rank 1 = most extreme."""
     n, k = p.top_ids.shape
@@ -64,7 +60,7 @@ def atlas_rows(p: Projection, texts: pa.Array, model: str, matrix: str, layer: i
     side = np.tile(np.repeat(np.array([0, 1], dtype=np.int32), k), n)
     flat_ids = pa.array(ids.ravel())
     return pa.table([
-        _const(model, 2 * k * n), _const(matrix, 2 * k * n),
+        pa.repeat(model, 2 * k * n), pa.repeat(matrix, 2 * k * n),
         pa.array(np.full(2 * k * n, layer, dtype=np.int32)),
         pa.array(np.repeat(np.arange(first, first + n, dtype=np.int32), 2 * k)),
         pc.take(pa.array(["top", "bottom"]), pa.array(side)),
@@ -88,7 +84,7 @@ def neuron_rows(p: Projection, texts: pa.Array, model: str, matrix: str, layer: 
     top1 = pa.array(p.top_ids[:, 0].numpy().astype(np.int32))
     bottom1 = pa.array(p.bottom_ids[:, 0].numpy().astype(np.int32))
     return pa.table([
-        _const(model, n), _const(matrix, n), pa.array(np.full(n, layer, dtype=np.int32)),
+        pa.repeat(model, n), pa.repeat(matrix, n), pa.array(np.full(n, layer, dtype=np.int32)),
         pa.array(np.arange(first, first + n, dtype=np.int32)),
         pa.array(p.norm.numpy().astype(np.float32)), pa.array(p.mean.numpy().astype(np.float32)),
         pa.array(p.std.numpy().astype(np.float32)),
@@ -102,7 +98,7 @@ def neuron_rows(p: Projection, texts: pa.Array, model: str, matrix: str, layer: 
 def tokens_rows(table: TokenTable, model: str) -> pa.Table:
     n = len(table)
     return pa.table([
-        _const(model, n), pa.array(np.arange(n, dtype=np.int32)), pa.array(table.text, pa.string()),
+        pa.repeat(model, n), pa.array(np.arange(n, dtype=np.int32)), pa.array(table.text, pa.string()),
         pa.array(table.pieces, pa.string()), pa.array(table.raw, pa.binary()),
         pa.array(table.special, pa.bool_()), pa.array([table.is_word(i) for i in range(n)], pa.bool_()),
     ], schema=TOKENS)

@@ -97,7 +97,6 @@ def build(model: str, out: Path, name: str | None, k: int, norm: str, center: bo
                       layers=layers, dtype=dtype, device=device, block_size=block_size, force=force,
                       engine=engine, workers=workers)
     job = AtlasJob(cfg)
-    gc.freeze()  # torch's objects and the token table last as long as the process: collections skip them
     report = job.run(progress=not quiet, log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)))
     if not quiet:
         click.echo(f"{report.model}: {report.written} partitions written, {report.skipped} already built, "

@@ -34,6 +34,12 @@ def run_cli(*args: str | Path) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
+def assert_one_line_error(result: Result, message: str) -> None:
+    """Bad input: exit code 1 and one line on stderr that says `message`."""
+    assert result.exit_code == 1 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 @pytest.fixture(scope="session")
 def atlas(model_dir, tmp_path_factory) -> Path:
     """OUT with the atlases of tests/synthetic_atlas.py's three models, named base, instruct, planted,

@@ -14,7 +14,7 @@ from pipeline.attribution.job import run_method
 from pipeline.attribution.schema import scores_path
 from pipeline.live.load import load_live
 from pipeline.query import run_sql
-from tests.conftest import run_cli
+from tests.conftest import assert_one_line_error, run_cli
 
 PROMPTS = [
     {"prompt": "The dog drinks water from the", "target": " river"},
@@ -103,8 +103,7 @@ def test_tokens_level_and_a_shipped_task_parse(attributed, tmp_path):
 def test_bad_prompt_files_fail_in_one_line(model_dir, tmp_path, lines, message):
     prompts = _jsonl(tmp_path / "toy.jsonl", lines)
     result = run_cli("attribute", model_dir("llama", tie=True), "--prompts", prompts, "--out", tmp_path / "out")
-    assert result.exit_code == 1 and message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert_one_line_error(result, message)
     assert not (tmp_path / "out" / "attributions").exists()
 
 

@@ -17,7 +17,7 @@ from pipeline.circuits.job import TASKS, load_pairs, make_batches
 from pipeline.circuits.schema import EDGES, FAITHFULNESS, edges_path, faithfulness_path, plot_paths
 from pipeline.live.load import load_live
 from pipeline.query import connect
-from tests.conftest import run_cli
+from tests.conftest import assert_one_line_error, run_cli
 
 PAIRS = [  # token lengths under the tiny tokenizer: 6, 8, 11, 4, 6 (four batches of at most 2)
     {"prompt": "The dog drinks water from the", "corrupted": "The cat drinks water from the", "target": " river",
@@ -151,8 +151,7 @@ def test_shipped_tasks_have_corrupted_and_foil_on_every_pair():
 def test_bad_pairs_fail_in_one_line(model_dir, tmp_path, lines, message):
     pairs = _jsonl(tmp_path / "toy.jsonl", lines)
     result = run_cli("circuit", model_dir("llama", tie=True), "--pairs", pairs, "--out", tmp_path / "out")
-    assert result.exit_code == 1 and message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert_one_line_error(result, message)
     assert not (tmp_path / "out" / "circuits").exists()
 
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.atlas.schema import read_kv_metadata
-from tests.conftest import run_cli
+from tests.conftest import assert_one_line_error, run_cli
 from tests.synthetic_atlas import D_FF, N_LAYERS, PERTURBED, expected_comparison, synthetic_models
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -66,7 +66,7 @@ def test_compare_reuses_atlases_known_only_by_name(atlas):
 def test_compare_refuses_models_that_do_not_line_up(model_dir, tmp_path, other, message):
     base, different = model_dir("llama", tie=True), model_dir("llama", tie=True, **other)
     result = run_cli("compare", base, different, "--out", tmp_path / "out")
-    assert result.exit_code == 1 and message in result.stderr and len(result.stderr.splitlines()) == 1
+    assert_one_line_error(result, message)
     assert not (tmp_path / "out" / "compare").exists()
 
 
@@ -77,7 +77,7 @@ def test_compare_refuses_models_that_do_not_line_up(model_dir, tmp_path, other, 
 ])
 def test_compare_bad_input_is_one_line(atlas, args, message):
     result = run_cli("compare", *args, "--out", atlas)
-    assert result.exit_code == 1 and message in result.stderr and len(result.stderr.splitlines()) == 1
+    assert_one_line_error(result, message)
 
 
 def chromium() -> str:

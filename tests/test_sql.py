@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.query import SQL_DIR, run_sql
 from pipeline.words import matching_token_ids
-from tests.conftest import run_cli
+from tests.conftest import assert_one_line_error, run_cli
 from tests.synthetic_atlas import D_FF, K, N_LAYERS, PERTURBED, expected_comparison, read_table
 
 # variables that make every file of sql/ return rows on the fixture's atlases
@@ -198,7 +198,7 @@ def test_sql_errors_and_a_missing_atlas_fail_in_one_line(sql, message, atlas, tm
     bad.write_text(sql)
     for out, expected in ((atlas, f"bad.sql: {message}"), (tmp_path / "empty", "no atlas under")):
         result = run_cli("query", bad, "--out", out)
-        assert result.exit_code == 1 and expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert_one_line_error(result, expected)
 
 
 def test_matching_token_ids_follows_the_sql_rule():

@@ -210,6 +210,18 @@ def capture_sources(parts: Parts, graph: Graph, write: Callable[[int, torch.Tens
             handle.remove()
 
 
+def add_destination_hooks(handles: list, parts: Parts, graph: Graph, on_qkv: Callable, at_residual: Callable) -> None:
+    """Hook every destination of `graph`, appending the handles: `on_qkv(l, block, module)` makes the forward
+    hook of each distinct q/k/v projection, `at_residual(n upstream sources, column)` the forward pre-hook
+    of each MLP norm and of the final norm."""
+    for l, block in enumerate(parts.blocks):
+        for module in dict.fromkeys(block.qkv):  # distinct modules, in q, k, v order
+            handles.append(module.register_forward_hook(on_qkv(l, block, module)))
+        handles.append(block.mlp_norm.register_forward_pre_hook(
+            at_residual(graph.upstream(l, "mlp"), graph.mlp_destination(l))))
+    handles.append(parts.final_norm.register_forward_pre_hook(at_residual(len(graph.sources), graph.logits_destination)))
+
+
 def last_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """The last position's logits `[B, vocab]`, without a KV cache."""
     kwargs: dict = {"use_cache": False}

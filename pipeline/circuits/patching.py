@@ -20,6 +20,7 @@ from pipeline.circuits.graph import KINDS, Graph
 from pipeline.circuits.model_parts import (
     Block,
     Parts,
+    add_destination_hooks,
     capture_sources,
     hidden_of,
     last_logits,
@@ -80,11 +81,7 @@ def _patch_hooks(parts: Parts, graph: Graph, diff: torch.Tensor, cut: torch.Tens
         for l, block in enumerate(parts.blocks):
             handles.append(block.layer.register_forward_pre_hook(
                 lambda m, args, kwargs, l=l: residual.__setitem__(l, hidden_of(args, kwargs)), with_kwargs=True))
-            for module in dict.fromkeys(block.qkv):
-                handles.append(module.register_forward_hook(on_qkv(l, block, module)))
-            handles.append(block.mlp_norm.register_forward_pre_hook(
-                reader(graph.upstream(l, "mlp"), graph.mlp_destination(l))))
-        handles.append(parts.final_norm.register_forward_pre_hook(reader(len(graph.sources), graph.logits_destination)))
+        add_destination_hooks(handles, parts, graph, on_qkv, reader)
         yield
     finally:
         for handle in handles:

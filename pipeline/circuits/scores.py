@@ -26,6 +26,7 @@ from pipeline.circuits.graph import KINDS, Graph
 from pipeline.circuits.model_parts import (
     Block,
     Parts,
+    add_destination_hooks,
     capture_sources,
     frozen,
     last_logits,
@@ -154,11 +155,7 @@ def _gradient_hooks(parts: Parts, graph: Graph, delta: torch.Tensor, scores: tor
         for l, block in enumerate(parts.blocks):
             handles.append(block.attn_norm.register_forward_pre_hook(
                 lambda m, args, l=l: attn_inputs.__setitem__(l, args[0].detach())))
-            for module in dict.fromkeys(block.qkv):  # distinct modules, in q, k, v order
-                handles.append(module.register_forward_hook(on_qkv(l, block, module)))
-            handles.append(block.mlp_norm.register_forward_pre_hook(
-                alias(graph.upstream(l, "mlp"), graph.mlp_destination(l))))
-        handles.append(parts.final_norm.register_forward_pre_hook(alias(len(graph.sources), graph.logits_destination)))
+        add_destination_hooks(handles, parts, graph, on_qkv, alias)
         yield
     finally:
         for handle in handles:

@@ -94,8 +94,13 @@ def main() -> None:
               f"vocabulary {VOCAB}, bf16), written in {time.perf_counter() - t0:.1f} s")
         one, rss_one = fresh_build([str(folder), "--out", str(Path(tmp) / "one"), "--device", args.device, "--layers", "0"])
         wall, rss = fresh_build([str(folder), "--out", str(Path(tmp) / "all"), "--device", args.device])
-    per_layer = (wall - one) / (args.layers - 1)  # two builds: the difference is the per-layer cost
-    fixed = one - per_layer  # process start, tokenizer, reading the head, its statistics
+    # a build runs its partitions (3 per layer) in rounds of one per lane: the difference of the two builds'
+    # rounds is what the extra layers cost (layer 0 alone leaves a lane idle for a round on two lanes)
+    lanes = torch.get_num_threads() if args.device == "cpu" else 2
+    rounds = [-(-3 * n // lanes) for n in (1, args.layers)]
+    per_round = (wall - one) / (rounds[1] - rounds[0])
+    per_layer = per_round * 3 / lanes
+    fixed = one - per_round * rounds[0]  # process start, tokenizer, reading the head, its statistics
     full = fixed + per_layer * FULL_LAYERS * FULL_NEURONS / args.neurons
     flop = 2 * args.neurons * D_MODEL * VOCAB * 3
     head = VOCAB * D_MODEL * 4

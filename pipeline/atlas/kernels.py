@@ -10,7 +10,7 @@ vector compares and a bit mask), and visits only the values whose bit is set; af
 are (a new value enters the top c of t values seen with chance c/t). An admitted value replaces the
 worst member in place (`_admit`: a vector minimum over the set, no sorted list to shift); `sort_rows`
 orders the sets once at the end. On SmolLM2's logits, one core: 0.6–0.7 ns per logit from sets of −inf,
-of which the compares take 0.2 and the ~220 admissions per row and side the rest; 0.45–0.5 ns from sets
+of which the compares take 0.2 and the ~220 admissions per row and side the rest; 0.45–0.55 ns from sets
 that start at a floor (certified.scan_floors). A sorted insertion list took 1.1–1.4 ns, `torch.topk` on
 both sides several.
 

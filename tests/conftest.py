@@ -37,7 +37,7 @@ def run_cli(*args: str | Path) -> Result:
 def assert_one_line_error(result: Result, message: str) -> None:
     """Bad input: exit code 1 and one line on stderr that says `message`."""
     assert result.exit_code == 1 and message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
 @pytest.fixture(scope="session")

@@ -149,10 +149,11 @@ def scan_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int, floors:
     kernels.sort_rows(*state[:2])
     kernels.sort_rows(*state[2:])
     found = tuple(t[:, :c] for t in sets)
-    short = ((found[1][:, -1] < 0) | (found[3][:, -1] < 0)).nonzero().squeeze(1)
-    if floors is not None and len(short):
-        for kept, again in zip(found, scan_candidates(v[short], fast, c, chunk)):
-            kept[short] = again
+    if floors is not None:
+        short = ((found[1][:, -1] < 0) | (found[3][:, -1] < 0)).nonzero().squeeze(1)
+        if len(short):
+            for kept, again in zip(found, scan_candidates(v[short], fast, c, chunk)):
+                kept[short] = again
     return found
 
 

@@ -50,11 +50,7 @@ class _Cursor:
         return values
 
     def string(self) -> bytes:
-        (n,) = self.unpack("Q")
-        if self.pos + n > len(self.buf):
-            raise struct.error("a string runs past the end of the file")
-        self.pos += n
-        return self.buf[self.pos - n:self.pos]
+        return self.strings(1)[0]
 
     def strings(self, n: int) -> list[bytes]:
         """`n` length-prefixed strings: a tokenizer's vocabulary and merges, 100,000 of them, in one loop."""

@@ -26,7 +26,7 @@ import torch
 from fresh_build import fresh_build
 
 from pipeline.arch import ArchAdapter
-from pipeline.atlas.job import lane_pool
+from pipeline.atlas.lanes import lane_pool
 from pipeline.atlas.project import CPU_CHUNK, Head, project_block
 from pipeline.config import AtlasConfig
 from pipeline.sources import open_source, resolve

@@ -4,8 +4,9 @@ Writes a synthetic checkpoint (random bf16 weights, sharded safetensors with an 
 tokenizer of 128,256 tokens) with Llama 3.1 8B's names and shapes: d_model 4,096, vocabulary 128,256,
 attention 32 × 128 with 8 key/value heads, untied head, for `--layers` layers of `--neurons` neurons
 (14,336 in the real model; fewer keep a CPU run short). Then times `atlas build` on it in a fresh
-process and prints the time per layer, the full 32-layer × 14,336-neuron time projected from it, and
-peak memory against the budget "LM head + about two layers".
+process and prints the time of a first read of the checkpoint, the time per layer, the full 32-layer ×
+14,336-neuron time projected from it, and peak memory against the budget "LM head + about two layers".
+On a GPU, `--layers 32 --neurons 14336 --device cuda` measures the full model.
 
     .venv/bin/python bench/llama8b_shape.py --layers 2 --neurons 1024 [--dir /tmp/llama8b-shape]
 """
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 from fresh_build import fresh_build
 from safetensors.torch import save_file
+
+from pipeline.atlas.lanes import lane_shape
 
 D_MODEL, VOCAB, N_HEADS, N_KV_HEADS, HEAD_DIM = 4096, 128256, 32, 8, 128
 FULL_LAYERS, FULL_NEURONS = 32, 14336
@@ -57,13 +60,13 @@ def write_checkpoint(folder: Path, layers: int, neurons: int) -> None:
     def rand(shape):
         return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
 
-    shards = [{name: rand(shape) for name, shape in tensors_of_layer(i, neurons).items()} for i in range(layers)]
-    shards.append({"model.embed_tokens.weight": rand((VOCAB, D_MODEL)), "model.norm.weight": rand((D_MODEL,)),
-                   "lm_head.weight": rand((VOCAB, D_MODEL))})
+    shapes = [tensors_of_layer(i, neurons) for i in range(layers)]
+    shapes.append({"model.embed_tokens.weight": (VOCAB, D_MODEL), "model.norm.weight": (D_MODEL,),
+                   "lm_head.weight": (VOCAB, D_MODEL)})
     weight_map = {}
-    for j, shard in enumerate(shards):
-        name = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / name, metadata={"format": "pt"})
+    for j, shard in enumerate(shapes):  # one shard in memory at a time (the full model is 16 GB)
+        name = f"model-{j + 1:05d}-of-{len(shapes):05d}.safetensors"
+        save_file({t: rand(shape) for t, shape in shard.items()}, folder / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": D_MODEL,
@@ -73,6 +76,18 @@ def write_checkpoint(folder: Path, layers: int, neurons: int) -> None:
               "max_position_embeddings": 131072, "torch_dtype": "bfloat16"}
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     write_tokenizer(folder)
+
+
+def read_once(folder: Path, block: int = 64 * 2**20) -> tuple[int, float]:
+    """Bytes in the checkpoint's shards and the seconds to read them all once."""
+    t0 = time.perf_counter()
+    size = 0
+    buffer = bytearray(block)
+    for shard in sorted(folder.glob("*.safetensors")):
+        with open(shard, "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                size += n
+    return size, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -92,11 +107,14 @@ def main() -> None:
             write_checkpoint(folder, args.layers, args.neurons)
         print(f"checkpoint: {folder} ({args.layers} layers × {args.neurons} neurons, d_model {D_MODEL}, "
               f"vocabulary {VOCAB}, bf16), written in {time.perf_counter() - t0:.1f} s")
+        size, seconds = read_once(folder)
+        print(f"first read of its {size / 2**30:.2f} GiB: {seconds:.1f} s ({size / 2**30 / seconds:.2f} GiB/s; from "
+              f"the page cache if it was just written); the builds below read it again")
         one, rss_one = fresh_build([str(folder), "--out", str(Path(tmp) / "one"), "--device", args.device, "--layers", "0"])
         wall, rss = fresh_build([str(folder), "--out", str(Path(tmp) / "all"), "--device", args.device])
     # a build runs its partitions (3 per layer) in rounds of one per lane: the difference of the two builds'
     # rounds is what the extra layers cost (layer 0 alone leaves a lane idle for a round on two lanes)
-    lanes = torch.get_num_threads() if args.device == "cpu" else 2
+    lanes = lane_shape(torch.device(args.device))[0]
     rounds = [-(-3 * n // lanes) for n in (1, args.layers)]
     per_round = (wall - one) / (rounds[1] - rounds[0])
     per_layer = per_round * 3 / lanes

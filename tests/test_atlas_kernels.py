@@ -86,4 +86,5 @@ def test_rescore_is_the_float64_dot_product_rounded_once():
     exact = (vectors.double()[:, None, :] * head.double()[ids]).sum(-1)
     torch.testing.assert_close(ours, exact.float(), rtol=0, atol=0)
     assert torch.equal(ours[:, 0], ours[:, 1])  # identical rows, identical values
-    torch.testing.assert_close(certified.bmm_rescore(vectors, head, ids), ours, rtol=0, atol=0)
+    for budget in (certified.RESCORE_BYTES, 1):  # all rows in one product; a row at a time
+        torch.testing.assert_close(certified.bmm_rescore(vectors, head, ids, budget), ours, rtol=0, atol=0)

@@ -65,6 +65,20 @@ def test_k_larger_than_the_vocabulary_returns_every_token():
     assert p.bottom_ids[0].tolist() == p.top_ids[0].flip(0).tolist()
 
 
+def test_one_product_split_into_blocks_equals_a_product_per_block(head_with_ties):
+    """How an accelerator projects: several blocks in one product, kept (and written) as blocks."""
+    vectors = torch.randn(150, 48, generator=torch.Generator().manual_seed(4))
+    head = Head.from_weight(head_with_ties)
+    blocks = project_block(vectors, head, k=7).split(64)
+    assert [len(b.top_ids) for b in blocks] == [64, 64, 22]
+    for start, block in zip(range(0, 150, 64), blocks):
+        own = project_block(vectors[start:start + 64], head, k=7)
+        for name in ("top_ids", "top_logits", "bottom_ids", "bottom_logits"):
+            assert torch.equal(getattr(block, name), getattr(own, name)), name
+        for name in ("mean", "std", "norm"):
+            torch.testing.assert_close(getattr(block, name), getattr(own, name), rtol=1e-6, atol=1e-6)
+
+
 def test_z_score_of_a_constant_vector_is_zero_not_nan():
     p = project_block(torch.zeros(2, 8), Head.from_weight(torch.randn(20, 8)), k=3)
     assert torch.equal(z_scores(p.top_logits, p.mean, p.std), torch.zeros(2, 3))

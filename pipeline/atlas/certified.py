@@ -32,6 +32,7 @@ from pipeline.atlas import kernels
 
 U_BF16 = 2.0 ** -8
 U_FP32 = 2.0 ** -24
+RESCORE_BYTES = 1 << 28  # float64 head rows gathered at a time by `bmm_rescore`
 FLOOR_ABOVE = 8  # a scan starts where a normal row has 8·c values above (SmolLM2: 11 of 138,240 rows fall short)
 
 
@@ -166,7 +167,7 @@ def _keep(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Ten
 def certified(approx: torch.Tensor, k: int, eps: torch.Tensor, vocab: int) -> torch.Tensor:
     """`[n]` bool: the c candidates provably hold the exact top-k (approx sorted descending)."""
     if approx.shape[1] >= vocab:
-        return torch.ones(approx.shape[0], dtype=torch.bool)
+        return torch.ones(approx.shape[0], dtype=torch.bool, device=approx.device)
     return approx[:, -1] < approx[:, k - 1] - 2 * eps
 
 
@@ -190,9 +191,12 @@ def rescore(vectors: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> t
     return out
 
 
-def bmm_rescore(vectors: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, rows: int = 16) -> torch.Tensor:
-    """`rescore` by gathered rows and a float64 batched product: any device."""
+def bmm_rescore(vectors: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, budget: int = RESCORE_BYTES
+                ) -> torch.Tensor:
+    """`rescore` by gathered rows and a float64 batched product, `budget` bytes of gathered rows at a time:
+    any device."""
     out = torch.empty(ids.shape, dtype=torch.float32, device=vectors.device)
+    rows = max(1, budget // (8 * max(1, ids.shape[1]) * weight.shape[1]))
     for s in range(0, len(ids), rows):
         picked = weight[ids[s:s + rows]].double()  # [rows, m, d]
         out[s:s + rows] = torch.bmm(picked, vectors[s:s + rows, :, None].double()).squeeze(2).float()

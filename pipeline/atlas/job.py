@@ -1,4 +1,4 @@
-"""The streaming, resumable build: (matrix, layer) partitions, one per lane (a core) at a time.
+"""The streaming, resumable build: (matrix, layer) partitions, one per lane (lanes.py) at a time.
 
 A partition is a pure function of (source, settings, matrix, layer) → an `atlas` and a `neurons`
 Parquet file, each written under a temporary name and renamed when complete. A completion marker in
@@ -14,11 +14,9 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -32,7 +30,8 @@ from pipeline.arch import ArchAdapter
 from pipeline.atlas import kernels, schema
 from pipeline.atlas.certified import exact_matmul, fastest_dtype
 from pipeline.atlas.engines import run_engine
-from pipeline.atlas.project import Head, Projection, fold_gain, project_block
+from pipeline.atlas.lanes import lane_pool, lane_shape, to_device
+from pipeline.atlas.project import ACCELERATOR_BLOCK, Head, Projection, fold_gain, project_block
 from pipeline.config import AtlasConfig
 from pipeline.device import torch_device
 from pipeline.errors import AtlasError
@@ -197,7 +196,7 @@ class AtlasJob:
         """One matrix of one layer with the gains the normalisation folds in, and the raw vectors' norms."""
         vectors = self.adapter.neuron_vectors(part.matrix, part.layer)
         gain = self.adapter.gain("mlp_norm", part.layer) if self.cfg.norm == "both" and part.matrix != "down" else None
-        return fold_gain(vectors, gain, self.cfg.center), vectors.norm(dim=1)
+        return to_device(fold_gain(vectors, gain, self.cfg.center), self.device), vectors.norm(dim=1)
 
     def _head(self) -> Head:
         weight = self.adapter.head()
@@ -206,13 +205,14 @@ class AtlasJob:
         return Head.from_weight(weight.to(self.device), getattr(torch, self.dtype))
 
     def _project(self, vectors: torch.Tensor, norms: torch.Tensor, head: Head) -> list[Projection]:
-        """Project in blocks; `norm` reports the stored weight vector's length, whatever was folded in."""
+        """Project in blocks of `block_size` neurons (an accelerator takes several in one product), kept
+        as blocks of `block_size`; `norm` reports the stored weight vector's length, whatever was folded in."""
         bs = self.cfg.block_size
+        step = bs if self.device.type == "cpu" else bs * max(1, ACCELERATOR_BLOCK // bs)
         out = []
-        for start in range(0, vectors.shape[0], bs):
-            p = project_block(vectors[start:start + bs].to(self.device), head, self.cfg.k)
-            out.append(Projection(p.top_ids.cpu(), p.top_logits.cpu(), p.bottom_ids.cpu(), p.bottom_logits.cpu(),
-                                  p.mean.cpu(), p.std.cpu(), norms[start:start + bs]))
+        for start in range(0, vectors.shape[0], step):
+            p = replace(project_block(vectors[start:start + step], head, self.cfg.k), norm=norms[start:start + step])
+            out += p.cpu().split(bs)
         return out
 
     def _write(self, part: Partition, blocks: list[Projection], texts: pa.Array) -> None:
@@ -242,12 +242,9 @@ class AtlasJob:
     def execute(self, todo: list[Partition], progress: bool) -> None:
         """Project and write `todo` here, a partition per lane at a time; the shard function of every engine.
 
-        On the CPU a lane is one core: each runs its own single-threaded products and compiled scans
-        with no synchronisation between cores, and reads and writes overlap others' computing. On an
-        accelerator two lanes keep it busy while one reads or writes.
+        Reads and writes overlap other lanes' computing (lanes.py).
         """
-        threads = torch.get_num_threads()
-        lanes, per_lane = (threads, 1) if self.device.type == "cpu" else (2, threads)
+        lanes, per_lane = lane_shape(self.device)
         with exact_matmul():
             with ThreadPoolExecutor(1, "atlas-kernels") as side:
                 if self.device.type == "cpu":
@@ -255,7 +252,7 @@ class AtlasJob:
                 head = self._head()  # with every core, before the lanes take one each
             texts = pa.array(self.tokens.text, pa.string())
             with tqdm(total=len(todo), desc=f"atlas {self.model}", unit="part", file=sys.stderr,
-                      disable=None if progress else True) as bar, lane_pool(lanes, per_lane) as pool:
+                      disable=None if progress else True) as bar, lane_pool(lanes, per_lane, self.device) as pool:
                 futures = [pool.submit(self._build_partition, part, head, texts) for part in todo]
                 try:
                     for done in as_completed(futures):
@@ -268,19 +265,6 @@ class AtlasJob:
     def _build_partition(self, part: Partition, head: Head, texts: pa.Array) -> None:
         vectors, norms = self._load(part)
         self._write(part, self._project(vectors, norms, head), texts)
-
-
-@contextmanager
-def lane_pool(lanes: int, per_lane: int) -> Iterator[ThreadPoolExecutor]:
-    """Threads that each run torch ops on `per_lane` threads; torch's thread count is restored after,
-    because a lane's setting is also torch's global one."""
-    threads = torch.get_num_threads()
-    try:
-        with ThreadPoolExecutor(lanes, "atlas-lane", initializer=torch.set_num_threads,
-                                initargs=(per_lane,)) as pool:
-            yield pool
-    finally:
-        torch.set_num_threads(threads)
 
 
 def peak_rss_bytes() -> int:

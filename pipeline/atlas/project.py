@@ -13,7 +13,7 @@ and `Σ` the mean and (population) covariance of the head's rows, computed once 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -22,6 +22,7 @@ from pipeline.atlas.certified import FastHead
 
 CPU_CHUNK = 512  # a [block, chunk] slice of logits stays in cache (bench/atlas_speed.py times the shapes)
 ACCELERATOR_CHUNK = 1 << 16  # GPUs: few large products
+ACCELERATOR_BLOCK = 4096  # neurons per product there; the atlas still keeps blocks of `block_size`
 STATS_CHUNK = 8192
 EXTRA_CANDIDATES = {torch.float32: 8, torch.bfloat16: 128}  # beyond k: >99% of SmolLM2 rows certify
 
@@ -60,6 +61,14 @@ class Projection:
     mean: torch.Tensor
     std: torch.Tensor
     norm: torch.Tensor
+
+    def cpu(self) -> Projection:
+        return Projection(*(getattr(self, f.name).cpu() for f in fields(self)))
+
+    def split(self, rows: int) -> list[Projection]:
+        """Blocks of `rows` neurons (the last one shorter), as views."""
+        parts = [getattr(self, f.name).split(rows) for f in fields(self)]
+        return [Projection(*block) for block in zip(*parts)]
 
 
 def fold_gain(vectors: torch.Tensor, gain: torch.Tensor | None, center: bool) -> torch.Tensor:

@@ -1,0 +1,49 @@
+"""Where a build's partitions run: lanes, threads that each take one partition at a time.
+
+On the CPU a lane is one core running single-threaded products and scans, so no core waits for another.
+On a CUDA device a lane is a thread with every CPU thread for reading and its own CUDA stream, so one
+lane's host→device copy and another's reading or Parquet writing overlap the device's computing; copies
+go through pinned (page-locked) host memory, which the device reads asynchronously.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import torch
+
+ACCELERATOR_LANES = 3  # one reading, one computing, one writing
+
+
+def lane_shape(device: torch.device) -> tuple[int, int]:
+    """(lanes, torch threads per lane) for a device."""
+    threads = torch.get_num_threads()
+    return (threads, 1) if device.type == "cpu" else (ACCELERATOR_LANES, threads)
+
+
+@contextmanager
+def lane_pool(lanes: int, per_lane: int, device: torch.device = torch.device("cpu")) -> Iterator[ThreadPoolExecutor]:
+    """Threads that each run torch ops on `per_lane` threads (and on CUDA, on a stream of their own);
+    torch's thread count is restored after, because a lane's setting is also torch's global one."""
+    threads = torch.get_num_threads()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the lanes' streams do not wait for work queued before them
+
+    def start_lane() -> None:
+        torch.set_num_threads(per_lane)
+        if device.type == "cuda":
+            torch.cuda.set_stream(torch.cuda.Stream(device))  # the calling thread's current stream
+
+    try:
+        with ThreadPoolExecutor(lanes, "atlas-lane", initializer=start_lane) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(threads)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`: on CUDA copied from pinned memory, queued on the lane's stream; a no-op on the CPU."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -238,3 +238,24 @@ def test_reading_keeps_no_mapping_of_the_checkpoint(model_dir):
     maps = Path("/proc/self/maps").read_text()
     assert len(source.files()) > 1
     assert not [shard for shard in source.files() if str(shard) in maps]
+
+
+@pytest.mark.parametrize("form", ["sharded safetensors", "F32 GGUF", "Q8_0 GGUF"])
+def test_every_read_returns_a_tensor_the_caller_owns(model_dir, tmp_path, form):
+    """The build folds the final norm's gain into the head in place, so the head is in memory once:
+    a read may alias neither the checkpoint's mapping nor another read."""
+    from pathlib import Path
+
+    from pipeline.sources import open_source
+
+    folder = model_dir("llama", sharded=True, d_model=64, d_ff=96)
+    path = folder if form.endswith("safetensors") else tiny_models.build_gguf(folder, tmp_path / "m.gguf",
+                                                                              quant=form.split()[0])
+    source = open_source(path)
+    for name in source.names():
+        first = source.read(name)
+        mapped = [line.split()[0].split("-") for line in Path("/proc/self/maps").read_text().splitlines()
+                  if line.endswith(tuple(str(f) for f in source.files()))]
+        assert not [r for r in mapped if int(r[0], 16) <= first.data_ptr() < int(r[1], 16)], name
+        first.add_(1)  # would crash on a read-only mapping; the check above fails first
+        assert torch.equal(first, source.read(name) + 1), name

@@ -201,7 +201,7 @@ class AtlasJob:
     def _head(self) -> Head:
         weight = self.adapter.head()
         if self.cfg.norm in ("final", "both"):
-            weight = weight * self.adapter.gain("final_norm")  # W_U (g ⊙ w) = (W_U ⊙ g) w
+            weight.mul_(self.adapter.gain("final_norm"))  # W_U (g ⊙ w) = (W_U ⊙ g) w; in place: one head in memory
         return Head.from_weight(weight.to(self.device), getattr(torch, self.dtype))
 
     def _project(self, vectors: torch.Tensor, norms: torch.Tensor, head: Head) -> list[Projection]:

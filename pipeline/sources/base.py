@@ -27,7 +27,9 @@ class WeightSource(Protocol):
 
     def shape(self, name: str) -> tuple[int, ...]: ...
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor: ...
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """A new float32 tensor each call, owned by the caller (never a view of a mapping): it may be
+        changed in place."""
 
     def files(self) -> list[Path]: ...
 

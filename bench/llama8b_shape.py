@@ -23,6 +23,8 @@ from fresh_build import fresh_build
 from safetensors.torch import save_file
 
 from pipeline.atlas.lanes import lane_shape
+from pipeline.sources import open_source
+from pipeline.sources.base import source_sha256
 
 D_MODEL, VOCAB, N_HEADS, N_KV_HEADS, HEAD_DIM = 4096, 128256, 32, 8, 128
 FULL_LAYERS, FULL_NEURONS = 32, 14336
@@ -110,8 +112,13 @@ def main() -> None:
         size, seconds = read_once(folder)
         print(f"first read of its {size / 2**30:.2f} GiB: {seconds:.1f} s ({size / 2**30 / seconds:.2f} GiB/s; from "
               f"the page cache if it was just written); the builds below read it again")
-        one, rss_one = fresh_build([str(folder), "--out", str(Path(tmp) / "one"), "--device", args.device, "--layers", "0"])
-        wall, rss = fresh_build([str(folder), "--out", str(Path(tmp) / "all"), "--device", args.device])
+        out = Path(tmp) / "atlas"
+        t0 = time.perf_counter()
+        source_sha256(open_source(folder), out / ".state" / "sha256.json")
+        print(f"its SHA-256 (provenance; computed once per output folder, then cached): {time.perf_counter() - t0:.1f} s")
+        build = [str(folder), "--out", str(out), "--device", args.device]
+        one, rss_one = fresh_build([*build, "--layers", "0"])
+        wall, rss = fresh_build([*build, "--force"])
     # a build runs its partitions (3 per layer) in rounds of one per lane: the difference of the two builds'
     # rounds is what the extra layers cost (layer 0 alone leaves a lane idle for a round on two lanes)
     lanes = lane_shape(torch.device(args.device))[0]

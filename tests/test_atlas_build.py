@@ -197,6 +197,31 @@ def test_metadata_carries_provenance(model_dir, tmp_path):
             assert meta["atlas.matrix"] in path.parent.name and meta["atlas.layer"] in path.name
 
 
+def test_a_sharded_checkpoint_is_hashed_once_per_shard_and_cached(model_dir, tmp_path):
+    import hashlib
+    import json
+    import os
+    import shutil
+
+    from pipeline.sources import open_source
+    from pipeline.sources.base import source_sha256
+
+    folder = shutil.copytree(model_dir("llama", sharded=True), tmp_path / "model")
+    shards = sorted(folder.glob("*.safetensors"))
+    assert len(shards) > 2
+    lines = "".join(f"{p.name}:{hashlib.sha256(p.read_bytes()).hexdigest()}\n" for p in shards)
+    cache = tmp_path / "sha256.json"
+    source = open_source(folder)
+    assert source_sha256(source, cache) == hashlib.sha256(lines.encode()).hexdigest()
+    entries = json.loads(cache.read_text())
+    assert len(entries) == len(shards)
+    key = next(k for k in entries if k.startswith(f"{shards[0]}:"))
+    cache.write_text(json.dumps({**entries, key: "0" * 64}))  # a cached digest is believed while size and mtime hold
+    assert source_sha256(source, cache) != hashlib.sha256(lines.encode()).hexdigest()
+    os.utime(shards[0], ns=(0, 0))
+    assert source_sha256(source, cache) == hashlib.sha256(lines.encode()).hexdigest()
+
+
 def test_bf16_and_fp32_compute_give_the_identical_atlas(model_dir, tmp_path):
     """The compute dtype is a speed choice only: certified candidates make both builds byte-for-byte equal."""
     folder = model_dir("llama", tie=True)

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -41,33 +42,43 @@ _HUB_BLOB = re.compile(r"[0-9a-f]{64}")
 
 def file_sha256(path: Path, cache_file: Path | None = None) -> str:
     """SHA-256 of a file's content; reuses the hub cache's blob name or a cached digest when unchanged."""
-    real = Path(os.path.realpath(path))
-    if real.parent.name == "blobs" and _HUB_BLOB.fullmatch(real.name):
-        return real.name  # the Hugging Face cache names LFS blobs by their SHA-256
-    st = real.stat()
-    key = f"{real}:{st.st_size}:{st.st_mtime_ns}"
-    cache = _load_json(cache_file)
-    if key in cache:
-        return cache[key]
-    digest = hashlib.sha256()
-    with open(real, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    cache[key] = digest.hexdigest()
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(cache, indent=0))
-        os.replace(tmp, cache_file)
-    return cache[key]
+    return _digests([Path(path)], cache_file)[0]
 
 
 def source_sha256(source: WeightSource, cache_file: Path | None = None) -> str:
     """One digest over every weight file of a source (a single file's digest when there is one)."""
-    digests = [(p.name, file_sha256(p, cache_file)) for p in sorted(source.files())]
+    files = sorted(source.files())
+    digests = _digests(files, cache_file)
     if len(digests) == 1:
-        return digests[0][1]
-    return hashlib.sha256("".join(f"{n}:{d}\n" for n, d in digests).encode()).hexdigest()
+        return digests[0]
+    return hashlib.sha256("".join(f"{p.name}:{d}\n" for p, d in zip(files, digests)).encode()).hexdigest()
+
+
+def _digests(paths: list[Path], cache_file: Path | None) -> list[str]:
+    """Each file's SHA-256: from its hub blob name, from `cache_file` (keyed by path, size and mtime), or
+    read, the shards of a checkpoint in parallel (hashlib releases the GIL), and added to the cache."""
+    real = [Path(os.path.realpath(p)) for p in paths]
+    keys = [f"{r}:{r.stat().st_size}:{r.stat().st_mtime_ns}" for r in real]
+    cache = _load_json(cache_file)
+    known = {k: r.name for k, r in zip(keys, real) if r.parent.name == "blobs" and _HUB_BLOB.fullmatch(r.name)}
+    missing = {k: r for k, r in zip(keys, real) if k not in known and k not in cache}
+    if missing:
+        with ThreadPoolExecutor(min(len(missing), os.cpu_count() or 1)) as pool:
+            cache.update(zip(missing, pool.map(_read_sha256, missing.values())))
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(cache, indent=0))
+            os.replace(tmp, cache_file)
+    return [known.get(k) or cache[k] for k in keys]
+
+
+def _read_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _load_json(path: Path | None) -> dict:

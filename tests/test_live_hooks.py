@@ -96,8 +96,10 @@ def test_clamp_equals_the_mlp_recomputed_by_hand(live, family, site):
             handle.remove()
         with clamped(lm.model, [Clamp(1, 7, 3.5)], site, where=lambda pos: pos >= 1):
             got = lm.model(ids).logits
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    assert not torch.allclose(got, lm.model(ids).logits)
+    # 1e-5: the hook and the hand-written MLP reach the activation through different (vectorised) kernels,
+    # which on an AVX-512 CPU differ by a few fp32 ulps; the clamp itself moves logits by far more
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - lm.model(ids).logits).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])

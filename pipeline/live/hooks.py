@@ -121,7 +121,7 @@ def hooked(model: nn.Module, edits: Mapping[tuple[int, str], Edit]) -> Iterator[
     def track(module: nn.Module, args: tuple, kwargs: dict) -> None:
         tokens = kwargs.get("input_ids", args[0] if args else None)
         tokens = kwargs["inputs_embeds"] if tokens is None else tokens
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("past_key_values", kwargs.get("cache"))  # `cache` from transformers 5.2x
         start = past.get_seq_length() if past is not None else 0
         positions[:] = [torch.arange(start, start + tokens.shape[1], device=tokens.device)]
 

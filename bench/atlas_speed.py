@@ -27,12 +27,11 @@ from fresh_build import fresh_build
 
 from pipeline.arch import ArchAdapter
 from pipeline.atlas.lanes import lane_pool
-from pipeline.atlas.project import CPU_CHUNK, Head, project_block
-from pipeline.config import AtlasConfig
+from pipeline.atlas.certified import fastest_dtype
+from pipeline.atlas.project import CPU_CHUNK, PRODUCT_BLOCK, Head, project_block
 from pipeline.sources import open_source, resolve
 from pipeline.sources.embedded import DEFAULT_MODEL
 
-BLOCK = AtlasConfig.block_size  # the build's defaults
 ROOF_BLOCKS = (256, 512, 1024)
 ROOF_CHUNKS = (512, 1024, 4096)
 ROOF_SAMPLE = (1024, 16384)  # neurons × vocabulary rows timed per shape: the rate, not the size, matters
@@ -148,21 +147,24 @@ def main() -> None:
     parts = [adapter.neuron_vectors(m, layer).float() for layer in range(adapter.n_layers // 2, adapter.n_layers)
              for m in adapter.matrices][:max(2, threads)]
     flop_parts = 2 * sum(len(p) for p in parts) * d * vocab
-    h = Head.from_weight(head)
+    dtype = fastest_dtype(torch.device("cpu"), d, vocab)  # what the build's `--dtype auto` picks
+    h = Head.from_weight(head, dtype)
+    block, chunk = min(n, PRODUCT_BLOCK), CPU_CHUNK[dtype]  # the build's shapes
 
     def ours(part: torch.Tensor) -> None:
-        [project_block(part[s:s + BLOCK], h, args.k) for s in range(0, len(part), BLOCK)]
+        [project_block(part[s:s + block], h, args.k) for s in range(0, len(part), block)]
 
     def product(part: torch.Tensor) -> None:
-        bare_product(head, part, torch.float32, BLOCK, CPU_CHUNK)()
+        bare_product(h.fast.weight, part, dtype, block, chunk)()  # the head converted once, as the build does
 
     naive = best_time(lambda: [naive_layer(p, head, args.k) for p in parts], args.repeats)
     lanes = interleaved_best({"ours": lambda: in_lanes(ours, parts, threads),
                               "product": lambda: in_lanes(product, parts, threads)}, args.repeats)
     print(f"\n2. {len(parts)} partitions of {n} neurons, top-{args.k}, bottom-{args.k}, mean and std; ours and "
-          f"the bare product run as the build does, a partition per lane ({threads} lanes):")
+          f"the bare product run as the build does, a partition per lane ({threads} lanes), in "
+          f"{str(dtype).removeprefix('torch.')} (`--dtype auto` here):")
     for name, t in (("naive fp32 baseline", naive), ("project_block (ours)", lanes["ours"]),
-                    (f"product alone [{BLOCK}, {CPU_CHUNK}]", lanes["product"])):
+                    (f"product alone [{block}, {chunk}]", lanes["product"])):
         print(f"   {name:27s} {t:7.3f} s  {flop_parts / t / 1e9:7.1f} GFLOP/s  "
               f"{flop_parts / t / roof:6.1%} of roofline")
     print(f"   speed-up over the naive baseline: {naive / lanes['ours']:.2f}×; "

@@ -10,10 +10,11 @@ from pipeline.atlas.certified import FastHead
 
 
 def running_scan(logits: np.ndarray, c: int, chunk: int) -> tuple[np.ndarray, ...]:
-    """The c largest and c smallest values of each row with their ids, by the scan a chunk at a time."""
+    """The c largest and c smallest values of each row with their ids, by the scan a chunk at a time
+    (uint16 logits are bf16 bit patterns)."""
     n, width = logits.shape[0], -(-c // kernels.BLOCK) * kernels.BLOCK
-    state = (np.full((n, width), -np.inf, np.float32), np.zeros((n, width), np.int64),
-             np.full((n, width), -np.inf, np.float32), np.zeros((n, width), np.int64))
+    state = (np.full((n, width), -np.inf, np.float32), np.full((n, width), -1),
+             np.full((n, width), -np.inf, np.float32), np.full((n, width), -1))
     for s in range(0, logits.shape[1], chunk):
         kernels.scan_chunk(logits[:, s:s + chunk], s, *state)
     kernels.sort_rows(*state[:2])
@@ -21,9 +22,10 @@ def running_scan(logits: np.ndarray, c: int, chunk: int) -> tuple[np.ndarray, ..
     return state[0][:, :c], state[1][:, :c], -state[2][:, :c], state[3][:, :c]
 
 
-@pytest.mark.parametrize("c", [25, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("c", [25, 32, 64])
 @pytest.mark.parametrize("chunk", [1, 31, 32, 100, 5000])
-def test_scan_keeps_the_c_largest_and_smallest_values_lower_ids_first_on_ties(chunk, c):
+def test_scan_keeps_the_c_largest_and_smallest_values_lower_ids_first_on_ties(chunk, c, dtype):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(40, 3001, generator=g)
     logits[:, 2000:2500] = logits[:, 100:600]  # repeated values: ties everywhere
@@ -31,8 +33,10 @@ def test_scan_keeps_the_c_largest_and_smallest_values_lower_ids_first_on_ties(ch
     logits[7, ::97] = 9.0  # the top spread over many blocks, tied
     logits[9, -40:] = -9.0  # the bottom in the ragged tail
     logits[11, :40], logits[11, 100:110] = 5.0, 6.0  # later, larger values push out the highest tied ids
-    tv, ti, bv, bi = running_scan(logits.numpy(), c, chunk)
-    x = logits.numpy()
+    logits = logits.to(dtype)  # bf16: many more ties, read by the scan as they are
+    bits = logits.view(torch.uint16).numpy() if dtype == torch.bfloat16 else logits.numpy()
+    tv, ti, bv, bi = running_scan(bits, c, chunk)
+    x = logits.float().numpy()
     ids = np.arange(x.shape[1])
     for values, kept, sign in ((tv, ti, 1), (bv, bi, -1)):  # reference: sort by (value, then lower id)
         order = np.stack([np.lexsort((ids, -sign * row))[:c] for row in x])
@@ -55,14 +59,15 @@ def test_scan_and_topk_candidates_agree_in_fp32_and_bf16():
             torch.testing.assert_close(exact, values, rtol=rtol, atol=1e-5)
 
 
-def test_floors_change_no_candidate_whether_or_not_c_values_pass_them():
+@pytest.mark.parametrize(("dtype", "c"), [(torch.float32, 28), (torch.bfloat16, 64)])
+def test_floors_change_no_candidate_whether_or_not_c_values_pass_them(dtype, c):
     g = torch.Generator().manual_seed(3)
-    head, vectors, c = torch.randn(5000, 48, generator=g), torch.randn(30, 48, generator=g), 28
-    head[4000:4040] = head[17]  # 41 equal rows: a floor can sit on a tie
+    head, vectors = torch.randn(5000, 48, generator=g), torch.randn(30, 48, generator=g)
+    head[4000:4070] = head[17]  # 71 equal rows: a floor can sit on a tie
     vectors[0] = 0  # a dead row: every value equals its floor
     vectors[1] = head[17]
-    fast = FastHead.from_weight(head)
-    logits = vectors @ head.T
+    fast = FastHead.from_weight(head, dtype)
+    logits = (vectors.to(dtype) @ fast.weight.T).float()  # what the scan sees
     top, bottom = logits.sort(1, descending=True).values, (-logits).sort(1, descending=True).values
     # floors at the c-th value, just below or above it, deep inside the row, above every value, or none
     picks = [c - 1, c, c - 2, 3 * c, 0, -1] * 5
@@ -71,8 +76,8 @@ def test_floors_change_no_candidate_whether_or_not_c_values_pass_them():
         for r, pick in enumerate(picks[j:] + picks[:j])]) for j, side in ((0, top), (1, bottom))))
     passing = [(logits > floors.top[:, None]).sum(1), (-logits > floors.bottom[:, None]).sum(1)]
     assert all(bool((n < c).any() and (n >= c).any()) for n in passing)  # both ways out of the scan are taken
-    plain = certified.scan_candidates(vectors, fast, c, 700)
-    floored = certified.scan_candidates(vectors, fast, c, 700, floors)
+    plain = certified.scan_candidates(vectors.to(dtype), fast, c, 700)
+    floored = certified.scan_candidates(vectors.to(dtype), fast, c, 700, floors)
     assert all(torch.equal(a, b) for a, b in zip(plain, floored))
 
 
@@ -88,3 +93,7 @@ def test_rescore_is_the_float64_dot_product_rounded_once():
     assert torch.equal(ours[:, 0], ours[:, 1])  # identical rows, identical values
     for budget in (certified.RESCORE_BYTES, 1):  # all rows in one product; a row at a time
         torch.testing.assert_close(certified.bmm_rescore(vectors, head, ids, budget), ours, rtol=0, atol=0)
+    holes = ids.clone()
+    holes[:, 5::3] = -1  # placeholders: nothing to score there, the rest unchanged
+    partial = certified.rescore(vectors, head, holes)
+    assert torch.equal(partial[holes >= 0], ours[holes >= 0]) and bool((partial[holes < 0] == 0).all())

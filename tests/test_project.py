@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.atlas import certified
+from pipeline.atlas import certified, project
 from pipeline.atlas.certified import FastHead
 from pipeline.atlas.project import Head, fold_gain, project_block, z_scores
 
@@ -122,16 +122,57 @@ def test_fp32_and_bf16_paths_give_the_exact_atlas(head_with_ties, candidates, dt
     assert set(p.top_ids[20, :11].tolist()) == {50, *range(100, 110)}
 
 
-def test_certificate_holds_for_most_neurons_with_enough_candidates(head_with_ties):
-    """The fast path is the common path: with 128 candidates nearly every row is proven exact."""
+def test_most_neurons_are_proven_with_the_default_candidates_and_every_proven_row_is_exact(head_with_ties):
+    """The fast path is the common path: from k + 44 bf16 candidates nearly every row is proven; a proof
+    is never wrong, with k + 1 candidates (few proven) as with more."""
     g = torch.Generator().manual_seed(4)
     vectors = torch.randn(256, 48, generator=g)
     low = FastHead.from_weight(head_with_ties, torch.bfloat16)
-    tv, _, bv, _ = certified.candidates(vectors, low, 128, 1000)
-    eps = certified.error_bound(vectors, low, torch.maximum(tv[:, 0].abs(), bv[:, 0].abs()))
-    ok = certified.certified(tv, 20, eps, 3000) & certified.certified(bv, 20, eps, 3000)
-    narrow = certified.certified(tv[:, :21], 20, eps, 3000)
-    assert ok.float().mean() > 0.9 and narrow.float().mean() < ok.float().mean()
+    _, top, bottom = reference(vectors, head_with_ties, 20)
+    proven = {}
+    for c in (21, 64):
+        tv, ti, bv, bi = certified.candidates(vectors, low, c, 1000)
+        eps = certified.error_bound(vectors, low, torch.maximum(tv[:, 0].abs(), bv[:, 0].abs()))
+        sides = (certified.settle(vectors, head_with_ties, tv, ti, 20, eps),
+                 certified.settle(vectors, head_with_ties, bv, bi, 20, eps, sign=-1))
+        for side, expected in zip(sides, (top, bottom)):
+            rows = side.proven.numpy()
+            assert np.array_equal(side.ids.numpy()[rows], expected[rows])
+        proven[c] = (sides[0].proven & sides[1].proven).float().mean()
+    assert proven[64] > 0.95 and proven[21] < 0.5
+
+
+def test_sort_by_value_then_id_matches_lexsort_with_ties_signed_zeros_and_infinities():
+    g = torch.Generator().manual_seed(6)
+    values = torch.randn(30, 50, generator=g).round(decimals=1)  # many ties
+    values[0, :10], values[0, 10:20] = 0.0, -0.0  # equal values: ordered by id alone
+    values[1, ::7], values[2, 3::5] = -torch.inf, torch.inf
+    values[3] = torch.tensor(-3e38).nextafter(torch.tensor(0.0))  # extremes of the fp32 range
+    ids = torch.stack([torch.randperm(60_000, generator=g)[:50] for _ in range(30)]) + 2 ** 31 - 60_000
+    for k in (None, 7, 50):
+        got_values, got_ids = certified.sort_by_value_then_id(values, ids, k)
+        order = np.stack([np.lexsort((i, -v)) for v, i in zip(values.numpy(), ids.numpy())])[:, :k]
+        assert np.array_equal(got_ids.numpy(), np.take_along_axis(ids.numpy(), order, 1))
+        assert np.array_equal(got_values.numpy(), np.take_along_axis(values.numpy(), order, 1))
+
+
+def test_rows_left_unproven_are_settled_by_wider_candidates_then_in_float64(head_with_ties, monkeypatch):
+    """Only rows that need it pay: a cut inside 40 near-identical head rows needs more bf16 candidates
+    than 32, a dead neuron (every logit tied) the float64 pass."""
+    head = head_with_ties.clone()
+    g = torch.Generator().manual_seed(7)
+    head[1000:1040] = head[60] + 1e-5 * torch.randn(40, 48, generator=g)  # far closer than bf16 resolves
+    vectors = torch.randn(50, 48, generator=g)
+    vectors[3] = head[60] * 3  # its top 12 lie among the 41 near-ties
+    vectors[4] = 0
+    seen = {}
+    sides, float64 = project._exact_sides, project._float64_topk
+    monkeypatch.setattr(project, "_exact_sides", lambda v, *a: seen.setdefault("widened", []).append(a[2]) or sides(v, *a))
+    monkeypatch.setattr(project, "_float64_topk", lambda v, *a: seen.setdefault("float64", []).append(len(v)) or float64(v, *a))
+    p = project_block(vectors, Head.from_weight(head, torch.bfloat16), k=12, chunk=1000, candidates=32)
+    _, top, bottom = reference(vectors, head, 12)
+    assert np.array_equal(p.top_ids.numpy(), top) and np.array_equal(p.bottom_ids.numpy(), bottom)
+    assert seen == {"widened": [32, 128], "float64": [1]}
 
 
 def test_logits_within_fp32_rounding_are_ordered_by_their_true_values():

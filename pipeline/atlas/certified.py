@@ -9,13 +9,18 @@ for fp32, whose rounding the accumulation term covers), each approximate logit `
     |w·h − a| ≤ ‖ŵ‖‖δh‖ + ‖δw‖(‖ĥ‖ + ‖δh‖) + γ_d ‖ŵ‖‖ĥ‖ + u|w·h|,      γ_d = d·2⁻²⁴ / (1 − d·2⁻²⁴)
 
 (Cauchy–Schwarz on the rounding terms; Higham's bound for an fp32 dot product of length d). The
-maxima over the vocabulary give one bound ε per neuron. Keep the c > k best approximate tokens: any
-other token t has a_t ≤ a_c, so if a_c < a_k − 2ε then w·h_t ≤ a_t + ε < a_k − ε, below k kept
-tokens' true logits: t is not in the exact top-k. By the same margin only candidates within 2ε of a_k
-can be in it; those are re-scored with float64 sums and ordered by (value desc, id asc). Rows where
-the margin does not hold (ties at the cut, dead neurons) are recomputed in float64 over the whole
-vocabulary. Either way the atlas is the same on every device
-and dtype: the order of the true logits, stored in fp32.
+maxima over the vocabulary give one bound ε per neuron. Keep the c > k best approximate tokens and
+re-score the k leading ones with float64 sums: the smallest of their exact logits, L₀, is at most the
+exact k-th logit of the row. A token can be in the exact top-k only if its exact logit reaches L₀, so
+only candidates with a + ε ≥ L₀ need exact values (`settle`); among those re-scored, the k-th largest
+exact logit L is again at most the row's exact k-th. Any token t outside the candidates has
+a_t ≤ a_c, so if a_c + ε < L its exact logit is below L and it is not in the top-k: the row is
+proven, its top-k being the re-scored candidates' ordered by (value desc, id asc). Using the exact L
+instead of a_k − ε halves the margin the candidates must clear, so a third as many suffice. Rows
+where the margin does not hold are projected again with four times the candidates, and in float64
+over the whole vocabulary when that would be a large share of it (ties at the cut, dead neurons).
+Either way the atlas is the same on every device and dtype: the order of the true logits, stored in
+fp32.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from pipeline.atlas import kernels
@@ -59,9 +65,10 @@ class FastHead:
         for s in range(0, len(weight), chunk):
             lo = low[s:s + chunk].float()
             norm = max(norm, float(lo.norm(dim=1).max()))
-            if low is not weight:
+            if low is not weight:  # h − ĥ is exact in fp32: ĥ is h rounded
                 err = max(err, float((weight[s:s + chunk] - lo).norm(dim=1).max()))
-        return cls(low, norm, err, U_BF16 if dtype == torch.bfloat16 else 0.0)
+        grow = 1 + (weight.shape[1] + 2) * U_FP32  # covers the rounding of an fp32 norm, a sum of d squares
+        return cls(low, norm * grow, err * grow, U_BF16 if dtype == torch.bfloat16 else 0.0)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -69,15 +76,16 @@ class FastHead:
 
 
 def error_bound(vectors: torch.Tensor, fast: FastHead, max_abs_logit: torch.Tensor) -> torch.Tensor:
-    """`[n]` bound on |exact − approximate| logit for each neuron over the whole vocabulary."""
+    """`[n]` float64 bound on |exact − approximate| logit for each neuron over the whole vocabulary."""
     d = vectors.shape[1]
     v_low = vectors.to(fast.dtype).float()
-    v_norm, v_err = v_low.norm(dim=1), (vectors - v_low).norm(dim=1)
+    grow = 1 + (d + 2) * U_FP32  # covers the rounding of an fp32 norm
+    v_norm, v_err = (v_low.norm(dim=1) * grow).double(), ((vectors - v_low).norm(dim=1) * grow).double()
     gamma = d * U_FP32 / (1 - d * U_FP32)
     pre = v_norm * fast.row_error + v_err * (fast.row_norm + fast.row_error) + gamma * v_norm * fast.row_norm
     # output rounding: u·|exact| ≤ u·(|a| + pre), |a| at most the largest |a| seen; /(1−u) covers the rest
     u = fast.roundoff
-    return (pre + u * (max_abs_logit + pre)) / (1 - u)
+    return (pre + u * (max_abs_logit.double() + pre)) / (1 - u)
 
 
 def candidates(vectors: torch.Tensor, fast: FastHead, c: int, chunk: int, floors: Floors | None = None
@@ -136,17 +144,11 @@ def scan_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int, floors:
             start.bottom[:, None].expand(n, width).float().contiguous(), torch.full((n, width), -1)]
     state = [t.numpy() for t in sets]  # top values, ids; negated bottom values, ids
     out = torch.empty(n, chunk, dtype=fast.dtype)  # one chunk of logits, reused
-    convert = fast.dtype != torch.float32
-    wide = torch.empty(n, chunk) if convert else out
-    logits = wide.numpy()
     for i, rows in enumerate(fast.weight.split(chunk)):
         if len(rows) < chunk:  # the last, ragged chunk
-            out, wide = out[:, :len(rows)], wide[:, :len(rows)]
-            logits = wide.numpy()
+            out = out[:, :len(rows)]
         torch.matmul(v, rows.T, out=out)
-        if convert:
-            wide.copy_(out)
-        kernels.scan_chunk(logits, i * chunk, *state)
+        kernels.scan_chunk(_numpy(out), i * chunk, *state)
     kernels.sort_rows(*state[:2])
     kernels.sort_rows(*state[2:])
     found = tuple(t[:, :c] for t in sets)
@@ -158,32 +160,68 @@ def scan_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int, floors:
     return found
 
 
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as numpy, bf16 as its uint16 bit patterns (numpy has no bf16)."""
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
 def _keep(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], c: int):
     vals, ids = torch.cat([a[0], b[0]], 1), torch.cat([a[1], b[1]], 1)
     vals, perm = vals.topk(min(c, vals.shape[1]), dim=1)
     return vals, ids.gather(1, perm)
 
 
-def certified(approx: torch.Tensor, k: int, eps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """`[n]` bool: the c candidates provably hold the exact top-k (approx sorted descending)."""
-    if approx.shape[1] >= vocab:
-        return torch.ones(approx.shape[0], dtype=torch.bool, device=approx.device)
-    return approx[:, -1] < approx[:, k - 1] - 2 * eps
+class Settled(NamedTuple):
+    """One side's exact top-k `[n, k]` (values descending, ties by lower id) and `[n]` proven rows."""
+
+    values: torch.Tensor
+    ids: torch.Tensor
+    proven: torch.Tensor
 
 
-def contenders(approx: torch.Tensor, k: int, eps: torch.Tensor, ok: torch.Tensor) -> int:
-    """How many leading candidates can still be in the exact top-k, over the certified rows `ok`.
+def settle(vectors: torch.Tensor, weight: torch.Tensor, approx: torch.Tensor, ids: torch.Tensor, k: int,
+           eps: torch.Tensor, sign: int = 1) -> Settled:
+    """The exact top-k of `sign`·logits among the candidates (approximate values `approx` sorted
+    descending, `ids`), re-scoring only those that can reach it, and which rows it is proven for.
 
-    A candidate with a < a_k − 2ε is exactly below a_k − ε, so below k others: only those within 2ε of
-    the k-th need exact values (in fp32 usually just k; bf16 or near-ties add a few).
-    """
-    near = (approx >= approx[:, k - 1:k] - 2 * eps[:, None]).sum(1)
-    return int(near[ok].max()) if ok.any() else k
+    Comparisons run in float64 a unit in the last place below the fp32 value compared with, so a token
+    ruled out is below it even after its exact logit is rounded to fp32."""
+    vocab, c = weight.shape[0], approx.shape[1]
+    first = sign * rescore(vectors, weight, ids[:, :k])
+    upper = approx.double() + eps.double()[:, None]  # ≥ the exact logit of each candidate
+    reach = (upper >= _ulp_below(first.min(1, keepdim=True).values)).sum(1)  # ≥ k: the first k reach
+    # a row whose every candidate reaches is unlikely to be proven: it must not widen the others' work
+    m = int(reach[reach < c].max()) if (reach < c).any() else c
+    pending = torch.arange(k, m, device=ids.device) < reach[:, None]  # each row scores only its own reach
+    rest = sign * rescore(vectors, weight, ids[:, k:m].where(pending, -1))
+    exact = torch.cat([first, rest.masked_fill(~pending, -torch.inf)], 1)
+    values, order = sort_by_value_then_id(exact, ids[:, :m], k)
+    proven = reach <= m
+    if c < vocab:
+        proven &= upper[:, -1] < _ulp_below(values[:, k - 1])
+    return Settled(values, order, proven)
+
+
+def _ulp_below(x: torch.Tensor) -> torch.Tensor:
+    """In float64, at least one fp32 unit in the last place below `x`: whatever is less rounds below x."""
+    x = x.double()
+    return x - x.abs() * U_FP32 * 2 - 2.0 ** -149
+
+
+def sort_by_value_then_id(values: torch.Tensor, ids: torch.Tensor, k: int | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's first `k` (default: all) by value, descending, then by id, ascending: one sort of a
+    64-bit key, the fp32 value's bits made monotone above the id's complement (ids below 2³¹)."""
+    bits = (values.float() + 0.0).view(torch.int32).long()  # + 0.0: −0.0 becomes +0.0, they tie
+    key = (torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) << 32) + (0xFFFFFFFF - ids.long())
+    perm = key.topk(k, dim=1).indices if k is not None and k < key.shape[1] else key.sort(dim=1, descending=True).indices
+    return values.gather(1, perm), ids.gather(1, perm)
 
 
 def rescore(vectors: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Logits `[n, m]` of each neuron for its own candidate ids, summed in float64 (identical head rows
-    give identical values whatever a kernel's summation order) and stored in fp32."""
+    give identical values whatever a kernel's summation order) and stored in fp32; negative ids are
+    placeholders, their values meaningless."""
     if vectors.device.type != "cpu":
         return bmm_rescore(vectors, weight, ids)
     out = torch.empty(ids.shape, dtype=torch.float32)

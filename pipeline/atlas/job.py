@@ -31,7 +31,7 @@ from pipeline.atlas import kernels, schema
 from pipeline.atlas.certified import exact_matmul, fastest_dtype
 from pipeline.atlas.engines import run_engine
 from pipeline.atlas.lanes import lane_pool, lane_shape, to_device
-from pipeline.atlas.project import ACCELERATOR_BLOCK, Head, Projection, fold_gain, project_block
+from pipeline.atlas.project import PRODUCT_BLOCK, Head, Projection, fold_gain, project_block
 from pipeline.config import AtlasConfig
 from pipeline.device import torch_device
 from pipeline.errors import AtlasError
@@ -205,10 +205,11 @@ class AtlasJob:
         return Head.from_weight(weight.to(self.device), getattr(torch, self.dtype))
 
     def _project(self, vectors: torch.Tensor, norms: torch.Tensor, head: Head) -> list[Projection]:
-        """Project in blocks of `block_size` neurons (an accelerator takes several in one product), kept
-        as blocks of `block_size`; `norm` reports the stored weight vector's length, whatever was folded in."""
+        """Project up to PRODUCT_BLOCK neurons at a time (larger products run faster, and the few rows
+        the first candidates cannot settle are settled together), kept as blocks of `block_size`; `norm`
+        reports the stored weight vector's length, whatever was folded in."""
         bs = self.cfg.block_size
-        step = bs if self.device.type == "cpu" else bs * max(1, ACCELERATOR_BLOCK // bs)
+        step = bs * max(1, PRODUCT_BLOCK // bs)
         out = []
         for start in range(0, vectors.shape[0], step):
             p = replace(project_block(vectors[start:start + step], head, self.cfg.k), norm=norms[start:start + step])

@@ -7,18 +7,22 @@ and work in place on numpy views of torch tensors.
 bottom side), each as an unsorted set whose worst member is the bound a new value must beat. It reads
 a chunk of logits 32 values at a time, as one vector compared with each bound (`_above`, `_below`:
 vector compares and a bit mask), and visits only the values whose bit is set; after the first chunks few
-are (a new value enters the top c of t values seen with chance c/t). An admitted value replaces the
-worst member in place (`_admit`: a vector minimum over the set, no sorted list to shift); `sort_rows`
-orders the sets once at the end. On SmolLM2's logits, one core: 0.6–0.7 ns per logit from sets of −inf,
-of which the compares take 0.2 and the ~220 admissions per row and side the rest; 0.45–0.55 ns from sets
-that start at a floor (certified.scan_floors). A sorted insertion list took 1.1–1.4 ns, `torch.topk` on
-both sides several.
+are (a new value enters the top c of t values seen with chance c/t). A set that starts at a floor
+(certified.scan_floors) holds placeholders (id −1), which admitted values fill front to back with the
+bound unchanged; once full, an admitted value replaces the worst member in place (`_admit`: a vector
+minimum over the set, no sorted list to shift, about 23 ns). `sort_rows` orders the sets once at the
+end. bf16 logits are read as they are (their uint16 bit patterns, widened in the vector), with no fp32
+copy of the chunk. Measured on an AVX2 EPYC, one core, fp32 SmolLM2 logits, c = 28: 0.6–0.7 ns per logit
+from sets of −inf, of which the compares take 0.2, 0.45–0.55 from floors (a sorted insertion list took
+1.1–1.4 ns, `torch.topk` on both sides several); on an AVX-512 EPYC, bf16 logits, c = 64: compares
+0.06–0.1 ns per logit, the scan from floors 0.2 (Gemma 3) to 0.4 (SmolLM2), against 2.3–2.6 ns for
+the bf16 product itself.
 
 `rescore` sums each neuron's dot product with its candidate rows in float64, in one fixed order (eight
 interleaved partial sums, a vector of doubles, then combined pairwise): the products of two fp32 values
-are exact in float64, so the result depends on nothing but the inputs, whatever the machine. The next
-row is prefetched while one is summed, since the rows lie scattered over the head. One 1,536-neuron
-SmolLM2 partition's 61,440 pairs take 18 ms (51 with scalar sums and no prefetch).
+are exact in float64, so the result depends on nothing but the inputs, whatever the machine. The row
+needed AHEAD dot products later is prefetched while one is summed, since the rows lie scattered over
+the head: 74 ns per SmolLM2 dot product (576 values) with 8 ahead, 141 with 1, more without.
 """
 from __future__ import annotations
 
@@ -31,14 +35,35 @@ from numba.extending import intrinsic
 
 BLOCK = 32  # values per vector compare; a running set's size is a multiple of it
 LANES = 8  # partial sums per dot product in `rescore`, a vector of doubles
+AHEAD = 8  # `rescore` prefetches the head row it will need this many dot products later
 _FAST = {"nnan", "nsz"}  # logits are never NaN; ±0 compare equal anyway
 
 
 def _block(context, builder, array_type, array, start) -> ir.Value:
-    """The BLOCK float32 values of a 1-D array from `start` (elements adjacent: checked by the callers)."""
+    """The BLOCK values of a 1-D array from `start` as float32 (elements adjacent: checked by the callers);
+    an array of uint16 holds bf16 values, which are the high halves of float32s."""
     data = context.make_array(array_type)(context, builder, array).data
-    vector = ir.VectorType(ir.FloatType(), BLOCK)
-    return builder.load(builder.bitcast(builder.gep(data, [start]), vector.as_pointer()), align=4)
+    if array_type.dtype != types.uint16:
+        vector = ir.VectorType(ir.FloatType(), BLOCK)
+        return builder.load(builder.bitcast(builder.gep(data, [start]), vector.as_pointer()), align=4)
+    halves = builder.load(builder.bitcast(builder.gep(data, [start]), ir.VectorType(ir.IntType(16), BLOCK).as_pointer()),
+                          align=2)
+    words = builder.shl(builder.zext(halves, ir.VectorType(ir.IntType(32), BLOCK)),
+                        ir.Constant(ir.VectorType(ir.IntType(32), BLOCK), [16] * BLOCK))
+    return builder.bitcast(words, ir.VectorType(ir.FloatType(), BLOCK))
+
+
+@intrinsic
+def _at(typingctx, row, index):
+    """`row[index]` as float32, from float32 values or from bf16 ones held as uint16."""
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        value = builder.load(builder.gep(data, [args[1]]))
+        if signature.args[0].dtype != types.uint16:
+            return value
+        return builder.bitcast(builder.shl(builder.zext(value, ir.IntType(32)), ir.Constant(ir.IntType(32), 16)),
+                               ir.FloatType())
+    return types.float32(row, index), codegen
 
 
 def _compare(op: str):
@@ -108,18 +133,20 @@ def _admit(values, ids, bound, x, token):
 
 @numba.njit(nogil=True, cache=True, fastmath=_FAST)
 def scan_chunk(logits, offset, top_values, top_ids, bottom_values, bottom_ids):
-    """Fold a `[n, m]` chunk of logits (token ids `offset…offset+m−1`) into the running sets of each row:
-    the c largest logits and the c largest negated logits. c is a multiple of BLOCK; a set starts at −inf."""
+    """Fold a `[n, m]` chunk of logits (token ids `offset…offset+m−1`; float32, or bf16 held as uint16) into
+    the running sets of each row: the c largest logits and the c largest negated logits. c is a multiple
+    of BLOCK; a set starts at −inf."""
     n, m = logits.shape
     adjacent = (m == 0 or logits.strides[1] == logits.itemsize) and top_values.strides[1] == top_values.itemsize \
         and bottom_values.strides[1] == bottom_values.itemsize
     if not adjacent or top_values.shape[1] % BLOCK or bottom_values.shape[1] % BLOCK:
         raise ValueError("scan_chunk needs rows of adjacent values and sets of a multiple of 32")
-    full = m - m % BLOCK
+    full, width = m - m % BLOCK, top_values.shape[1]
     for r in range(n):
         row = logits[r]
         tv, ti, bv, bi = top_values[r], top_ids[r], bottom_values[r], bottom_ids[r]
         high, low = _worst(tv), -_worst(bv)
+        tn, bn = _filled(ti), _filled(bi)
         for start in range(0, m, BLOCK):
             if start < full:
                 up, down = _above(row, start, high), _below(row, start, low)
@@ -128,13 +155,36 @@ def scan_chunk(logits, offset, top_values, top_ids, bottom_values, bottom_ids):
             while up:
                 j = start + np.int64(_lowest_bit(up))
                 up &= up - np.uint64(1)
-                if row[j] > high:
-                    high = _admit(tv, ti, high, row[j], offset + j)
+                x = _at(row, j)
+                if x > high and tn < width:  # a placeholder's slot: the bound stays until none is left
+                    tv[tn], ti[tn] = x, offset + j
+                    tn += 1
+                    if tn == width:
+                        high = _worst(tv)
+                elif x > high:
+                    high = _admit(tv, ti, high, x, offset + j)
             while down:
                 j = start + np.int64(_lowest_bit(down))
                 down &= down - np.uint64(1)
-                if row[j] < low:
-                    low = -_admit(bv, bi, -low, -row[j], offset + j)
+                x = -_at(row, j)
+                if x > -low and bn < width:
+                    bv[bn], bi[bn] = x, offset + j
+                    bn += 1
+                    if bn == width:
+                        low = -_worst(bv)
+                elif x > -low:
+                    low = -_admit(bv, bi, -low, x, offset + j)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _filled(ids):
+    """How many members of a set are real: they fill it from the front, placeholders (id −1) follow."""
+    if ids[ids.shape[0] - 1] >= 0:
+        return ids.shape[0]
+    i = 0
+    while ids[i] >= 0:
+        i += 1
+    return i
 
 
 @numba.njit(nogil=True, cache=True)
@@ -156,7 +206,8 @@ def sort_rows(values, ids):
 def _dot_float64(typingctx, v, h, ahead):
     """`v · h` of two fp32 rows in float64: LANES interleaved partial sums (a vector of doubles; each
     product of two fp32 values is exact in float64), the ragged tail added to the first, then summed
-    pairwise. Prefetches the row `ahead` (the next one to be scored), whose cache misses would stall."""
+    pairwise. Prefetches the row `ahead` (one to be scored AHEAD dot products later), whose cache misses
+    would stall."""
     def codegen(context, builder, signature, args):
         rows = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args, args)]
         (d,) = cgutils.unpack_tuple(builder, rows[0].shape, 1)
@@ -188,20 +239,26 @@ def _dot_float64(typingctx, v, h, ahead):
 
 @numba.njit(nogil=True, cache=True)
 def rescore(vectors, weight, ids, out):
-    """`out[r, j]` = vectors[r] · weight[ids[r, j]], summed in float64 in a fixed order, stored in fp32."""
+    """`out[r, j]` = vectors[r] · weight[ids[r, j]], summed in float64 in a fixed order, stored in fp32;
+    0 where the id is negative (nothing to score)."""
     n, m = ids.shape
     if vectors.strides[1] != vectors.itemsize or weight.strides[1] != weight.itemsize:
         raise ValueError("rescore needs rows of adjacent values")
     for r in range(n):
         for j in range(m):
-            following = ids[r, j + 1] if j + 1 < m else ids[min(r + 1, n - 1), 0]
-            out[r, j] = np.float32(_dot_float64(vectors[r], weight[ids[r, j]], weight[following]))
+            if ids[r, j] < 0:
+                out[r, j] = 0
+                continue
+            ahead = min(r * m + j + AHEAD, n * m - 1)  # the pair AHEAD places on, in row-major order
+            following = ids[ahead // m, ahead % m]
+            out[r, j] = np.float32(_dot_float64(vectors[r], weight[ids[r, j]], weight[max(following, 0)]))
 
 
 def warm_up() -> None:
     """Load the compiled kernels: numba's first call in a process sets up its compiler (about 0.3 s),
     better spent beside the head's preparation than holding up the lanes."""
     values, ids = np.full((1, BLOCK), -np.inf, np.float32), np.zeros((1, BLOCK), np.int64)
-    scan_chunk(np.zeros((1, BLOCK), np.float32), 0, values, ids, values.copy(), ids.copy())
+    for logits in (np.zeros((1, BLOCK), np.float32), np.zeros((1, BLOCK), np.uint16)):  # fp32 and bf16
+        scan_chunk(logits, 0, values, ids, values.copy(), ids.copy())
     sort_rows(values, ids)
     rescore(values, values, ids, values)

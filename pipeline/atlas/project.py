@@ -17,14 +17,15 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from pipeline.atlas import certified
-from pipeline.atlas.certified import FastHead
+from pipeline.atlas import certified, kernels
+from pipeline.atlas.certified import FastHead, Settled, sort_by_value_then_id
 
-CPU_CHUNK = 512  # a [block, chunk] slice of logits stays in cache (bench/atlas_speed.py times the shapes)
+CPU_CHUNK = {torch.float32: 512, torch.bfloat16: 1024}  # head rows per product: a chunk's logits stay near the core
 ACCELERATOR_CHUNK = 1 << 16  # GPUs: few large products
-ACCELERATOR_BLOCK = 4096  # neurons per product there; the atlas still keeps blocks of `block_size`
+PRODUCT_BLOCK = 4096  # neurons per product (a whole partition, mostly); the atlas keeps blocks of `block_size`
 STATS_CHUNK = 8192
-EXTRA_CANDIDATES = {torch.float32: 8, torch.bfloat16: 128}  # beyond k: >99% of SmolLM2 rows certify
+EXTRA_CANDIDATES = {torch.float32: 8, torch.bfloat16: 44}  # beyond k: >98% of SmolLM2 rows are proven
+WIDEN = 4  # candidates are multiplied by this for the rows they could not settle
 
 
 @dataclass(frozen=True)
@@ -89,28 +90,38 @@ def project_block(vectors: torch.Tensor, head: Head, k: int, chunk: int | None =
     """Project `[n, d]` vectors through the head and keep the top-k and bottom-k tokens of each.
 
     The product runs in the head's compute dtype and proposes `candidates` tokens per side (on the CPU a
-    scan that starts at floors set by each row's exact mean and std), which are re-scored exactly
-    (certified.py); rows the error bound cannot settle are recomputed in float64.
+    scan that starts at floors set by each row's exact mean and std), of which those that can make the
+    top-k are re-scored exactly (certified.py); rows the error bound cannot settle are projected again
+    with more candidates, and in float64 when those would be a large share of the vocabulary.
     """
     vocab = head.weight.shape[0]
     k = min(k, vocab)
-    chunk = chunk or (CPU_CHUNK if vectors.device.type == "cpu" else ACCELERATOR_CHUNK)
-    c = max(k, min(vocab, candidates or k + EXTRA_CANDIDATES[head.fast.dtype]))
+    chunk = chunk or (CPU_CHUNK[head.fast.dtype] if vectors.device.type == "cpu" else ACCELERATOR_CHUNK)
+    c = candidates or k + EXTRA_CANDIDATES[head.fast.dtype]
+    c = max(k, min(vocab, -(-c // kernels.BLOCK) * kernels.BLOCK))  # the scan keeps a multiple of its block
     mean = vectors @ head.mean
     std = ((vectors @ head.cov) * vectors).sum(1).clamp_min(0).sqrt()
-    tv, ti, bv, bi = certified.candidates(vectors, head.fast, c, chunk, certified.scan_floors(mean, std, c, vocab))
+    top, bottom = _exact_sides(vectors, head, k, c, chunk, mean, std)
+    return Projection(top.ids, top.values, bottom.ids, -bottom.values, mean, std, vectors.norm(dim=1))
+
+
+def _exact_sides(vectors: torch.Tensor, head: Head, k: int, c: int, chunk: int, mean: torch.Tensor,
+                 std: torch.Tensor) -> tuple[Settled, Settled]:
+    """Top-k of the logits and of their negation, from c candidates each, widened where not proven."""
+    vocab = head.weight.shape[0]
+    floors = certified.scan_floors(mean, std, c, vocab)
+    tv, ti, bv, bi = certified.candidates(vectors, head.fast, c, chunk, floors)
     eps = certified.error_bound(vectors, head.fast, torch.maximum(tv[:, 0].abs(), bv[:, 0].abs()))
-    ok = certified.certified(tv, k, eps, vocab) & certified.certified(bv, k, eps, vocab)
-    mt, mb = certified.contenders(tv, k, eps, ok), certified.contenders(bv, k, eps, ok)
-    ti, bi = ti[:, :mt], bi[:, :mb]
-    exact = certified.rescore(vectors, head.weight, torch.cat([ti, bi], 1))
-    top = _sort_by_value_then_id(exact[:, :mt], ti)
-    bottom = _sort_by_value_then_id(-exact[:, mt:], bi)
-    tv, ti, bv, bi = top[0][:, :k], top[1][:, :k], bottom[0][:, :k], bottom[1][:, :k]
-    if not ok.all():
-        rows = (~ok).nonzero().squeeze(1)
-        (tv[rows], ti[rows]), (bv[rows], bi[rows]) = _float64_topk(vectors[rows], head.weight, k, chunk)
-    return Projection(ti, tv, bi, -bv, mean, std, vectors.norm(dim=1))
+    top = certified.settle(vectors, head.weight, tv, ti, k, eps)
+    bottom = certified.settle(vectors, head.weight, bv, bi, k, eps, sign=-1)
+    rows = (~(top.proven & bottom.proven)).nonzero().squeeze(1)
+    if len(rows):
+        wider = WIDEN * c
+        again = (_exact_sides(vectors[rows], head, k, wider, chunk, mean[rows], std[rows]) if wider * 8 <= vocab
+                 else _float64_topk(vectors[rows], head.weight, k, chunk))
+        for side, (values, ids, *_) in zip((top, bottom), again):
+            side.values[rows], side.ids[rows] = values, ids
+    return top, bottom
 
 
 def _float64_topk(vectors: torch.Tensor, weight: torch.Tensor, k: int, chunk: int):
@@ -143,7 +154,7 @@ def _chunk_topk(logits: torch.Tensor, k: int, offset: int) -> tuple[torch.Tensor
         order = logits[rows].sort(dim=1, descending=True, stable=True).indices[:, :k]
         idx[rows] = order
         vals[rows] = logits[rows].gather(1, order)
-    return _sort_by_value_then_id(vals, idx + offset)
+    return sort_by_value_then_id(vals, idx + offset)
 
 
 def _merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], k: int
@@ -155,8 +166,3 @@ def _merge(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Te
     return vals[:, :k], ids.gather(1, perm)[:, :k]
 
 
-def _sort_by_value_then_id(vals: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, perm = ids.sort(dim=1)
-    vals = vals.gather(1, perm)
-    vals, perm = vals.sort(dim=1, descending=True, stable=True)
-    return vals, ids.gather(1, perm)

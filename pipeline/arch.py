@@ -141,9 +141,10 @@ class ArchAdapter:
     def tied(self) -> bool:
         return self._head is None
 
-    def head(self) -> torch.Tensor:
-        """The unembedding `W_U`, `[vocab, d_model]` float32 (the tied embedding where there is no head)."""
-        return self.source.read(self._head or self._name("embed"))
+    def head(self, rows: slice | None = None) -> torch.Tensor:
+        """The unembedding `W_U`, `[vocab, d_model]` float32 (the tied embedding where there is no head), or
+        some of its rows."""
+        return self.source.read(self._head or self._name("embed"), rows)
 
     def gain(self, role: str, layer: int | None = None) -> torch.Tensor:
         """A norm's effective multiplicative gain `[d_model]` (Gemma's `1 + weight` resolved here)."""

@@ -142,6 +142,25 @@ def test_most_neurons_are_proven_with_the_default_candidates_and_every_proven_ro
     assert proven[64] > 0.95 and proven[21] < 0.5
 
 
+def test_a_head_bf16_holds_exactly_is_kept_once_in_bf16_and_any_other_in_fp32(head_with_ties):
+    """A bf16 checkpoint's head needs no fp32 copy: re-scoring reads the bf16 rows, and the atlas is the same."""
+    exact16 = head_with_ties.bfloat16().float()
+    late = exact16.clone()
+    late[2500, 3] += 2 ** -12  # one row bf16 cannot hold, in the fourth chunk read
+    vectors = torch.randn(40, 48, generator=torch.Generator().manual_seed(8))
+    for weight, kept in ((exact16, torch.bfloat16), (late, torch.float32)):
+        head = Head.from_rows(lambda rows: weight[rows], len(weight), torch.bfloat16, chunk=700)
+        assert head.weight.dtype == kept and torch.equal(head.weight.float(), weight)
+        assert (head.weight.data_ptr() == head.fast.weight.data_ptr()) == (kept == torch.bfloat16)
+        reference_head = Head.from_weight(weight)
+        torch.testing.assert_close(head.mean, reference_head.mean, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(head.cov, reference_head.cov, rtol=1e-5, atol=1e-7)
+        p = project_block(vectors, head, k=12)
+        logits, top, bottom = reference(vectors, weight, 12)
+        assert np.array_equal(p.top_ids.numpy(), top) and np.array_equal(p.bottom_ids.numpy(), bottom)
+        np.testing.assert_allclose(p.top_logits.numpy(), np.take_along_axis(logits, top, 1), rtol=1e-6, atol=1e-6)
+
+
 def test_sort_by_value_then_id_matches_lexsort_with_ties_signed_zeros_and_infinities():
     g = torch.Generator().manual_seed(6)
     values = torch.randn(30, 50, generator=g).round(decimals=1)  # many ties

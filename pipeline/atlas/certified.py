@@ -25,7 +25,7 @@ fp32.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -60,15 +60,33 @@ class FastHead:
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype = torch.float32, chunk: int = 8192) -> FastHead:
-        low = weight.to(dtype)
+        return cls.from_rows(lambda rows: weight[rows], len(weight), dtype, chunk)[0]
+
+    @classmethod
+    def from_rows(cls, read: Callable[[slice], torch.Tensor], vocab: int, dtype: torch.dtype = torch.float32,
+                  chunk: int = 8192) -> tuple[FastHead, torch.Tensor]:
+        """The fast head from the fp32 head read `chunk` rows at a time, and the exact head: the fast copy
+        itself where it holds every row exactly (a bf16 checkpoint's head), else an fp32 copy. Either way
+        no full-size temporary: a head of GBs is held once, or once in each dtype."""
+        low = exact = None
         norm = err = 0.0
-        for s in range(0, len(weight), chunk):
-            lo = low[s:s + chunk].float()
-            norm = max(norm, float(lo.norm(dim=1).max()))
-            if low is not weight:  # h − ĥ is exact in fp32: ĥ is h rounded
-                err = max(err, float((weight[s:s + chunk] - lo).norm(dim=1).max()))
-        grow = 1 + (weight.shape[1] + 2) * U_FP32  # covers the rounding of an fp32 norm, a sum of d squares
-        return cls(low, norm * grow, err * grow, U_BF16 if dtype == torch.bfloat16 else 0.0)
+        for s in range(0, vocab, chunk):
+            rows = read(slice(s, min(s + chunk, vocab))).float()
+            if low is None:
+                low = torch.empty(vocab, rows.shape[1], dtype=dtype, device=rows.device)
+            lo = low[s:s + len(rows)]
+            lo.copy_(rows)
+            wide = lo.float()
+            norm = max(norm, float(wide.norm(dim=1).max()))
+            err = max(err, float((rows - wide).norm(dim=1).max()))  # h − ĥ is exact in fp32: ĥ is h rounded
+            if exact is None and err > 0:  # the first row the fast copy rounds: keep fp32 from here on
+                exact = torch.empty(low.shape, device=low.device)
+                exact[:s] = low[:s]
+            if exact is not None:
+                exact[s:s + len(rows)] = rows
+        grow = 1 + (low.shape[1] + 2) * U_FP32  # covers the rounding of an fp32 norm, a sum of d squares
+        fast = cls(low, norm * grow, err * grow, U_BF16 if dtype == torch.bfloat16 else 0.0)
+        return fast, low if exact is None else exact
 
     @property
     def dtype(self) -> torch.dtype:
@@ -225,7 +243,7 @@ def rescore(vectors: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> t
     if vectors.device.type != "cpu":
         return bmm_rescore(vectors, weight, ids)
     out = torch.empty(ids.shape, dtype=torch.float32)
-    kernels.rescore(vectors.float().contiguous().numpy(), weight.numpy(), ids.contiguous().numpy(), out.numpy())
+    kernels.rescore(vectors.float().contiguous().numpy(), _numpy(weight), ids.contiguous().numpy(), out.numpy())
     return out
 
 

@@ -199,10 +199,14 @@ class AtlasJob:
         return to_device(fold_gain(vectors, gain, self.cfg.center), self.device), vectors.norm(dim=1)
 
     def _head(self) -> Head:
-        weight = self.adapter.head()
-        if self.cfg.norm in ("final", "both"):
-            weight.mul_(self.adapter.gain("final_norm"))  # W_U (g ⊙ w) = (W_U ⊙ g) w; in place: one head in memory
-        return Head.from_weight(weight.to(self.device), getattr(torch, self.dtype))
+        """The head read a chunk of rows at a time, so a bf16 checkpoint's is held once, in bf16."""
+        gain = self.adapter.gain("final_norm") if self.cfg.norm in ("final", "both") else None
+
+        def read(rows: slice) -> torch.Tensor:
+            weight = self.adapter.head(rows)
+            return to_device(weight if gain is None else weight.mul_(gain), self.device)  # W_U (g ⊙ w) = (W_U ⊙ g) w
+
+        return Head.from_rows(read, self.vocab, getattr(torch, self.dtype))
 
     def _project(self, vectors: torch.Tensor, norms: torch.Tensor, head: Head) -> list[Projection]:
         """Project up to PRODUCT_BLOCK neurons at a time (larger products run faster, and the few rows

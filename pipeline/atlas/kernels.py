@@ -204,31 +204,44 @@ def sort_rows(values, ids):
 
 @intrinsic
 def _dot_float64(typingctx, v, h, ahead):
-    """`v · h` of two fp32 rows in float64: LANES interleaved partial sums (a vector of doubles; each
-    product of two fp32 values is exact in float64), the ragged tail added to the first, then summed
-    pairwise. Prefetches the row `ahead` (one to be scored AHEAD dot products later), whose cache misses
-    would stall."""
+    """`v · h` of two rows (fp32, or bf16 held as uint16) in float64: LANES interleaved partial sums (a vector
+    of doubles; each product of two fp32 values is exact in float64), the ragged tail added to the first,
+    then summed pairwise. Prefetches the row `ahead` (one to be scored AHEAD dot products later), whose
+    cache misses would stall."""
     def codegen(context, builder, signature, args):
         rows = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args, args)]
         (d,) = cgutils.unpack_tuple(builder, rows[0].shape, 1)
         step = ir.Constant(d.type, LANES)
         body = builder.sub(d, builder.srem(d, step))
         doubles = ir.VectorType(ir.DoubleType(), LANES)
-        floats = ir.VectorType(ir.FloatType(), LANES).as_pointer()
         byte = ir.IntType(8).as_pointer()
+
+        def widened(row, row_type, t, lanes):
+            """`lanes` values from t as double(s): a bf16 is the high half of an fp32."""
+            vector = (lambda e: ir.VectorType(e, lanes)) if lanes > 1 else (lambda e: e)
+            if row_type.dtype != types.uint16:
+                value = builder.load(builder.bitcast(builder.gep(row.data, [t]), vector(ir.FloatType()).as_pointer()),
+                                     align=4)
+            else:
+                halves = builder.load(builder.bitcast(builder.gep(row.data, [t]),
+                                                      vector(ir.IntType(16)).as_pointer()), align=2)
+                sixteen = ir.Constant(vector(ir.IntType(32)), [16] * lanes if lanes > 1 else 16)
+                value = builder.bitcast(builder.shl(builder.zext(halves, vector(ir.IntType(32))), sixteen),
+                                        vector(ir.FloatType()))
+            return builder.fpext(value, vector(ir.DoubleType()))
+
         prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
             ir.VoidType(), [byte, ir.IntType(32), ir.IntType(32), ir.IntType(32)]), "llvm.prefetch.p0i8")
         read, keep, data = (ir.Constant(ir.IntType(32), i) for i in (0, 3, 1))
         acc = cgutils.alloca_once_value(builder, ir.Constant(doubles, [0.0] * LANES))
         with cgutils.for_range_slice(builder, ir.Constant(d.type, 0), body, step) as (t, _):
-            x, y = (builder.fpext(builder.load(builder.bitcast(builder.gep(r.data, [t]), floats), align=4), doubles)
-                    for r in rows[:2])
+            x, y = (widened(r, typ, t, LANES) for r, typ in zip(rows[:2], signature.args[:2]))
             builder.store(builder.fadd(builder.load(acc), builder.fmul(x, y)), acc)
             builder.call(prefetch, [builder.bitcast(builder.gep(rows[2].data, [t]), byte), read, keep, data])
         lanes = [builder.extract_element(builder.load(acc), ir.Constant(ir.IntType(32), i)) for i in range(LANES)]
         first = cgutils.alloca_once_value(builder, lanes[0])
         with cgutils.for_range_slice(builder, body, d, ir.Constant(d.type, 1)) as (t, _):
-            x, y = (builder.fpext(builder.load(builder.gep(r.data, [t])), ir.DoubleType()) for r in rows[:2])
+            x, y = (widened(r, typ, t, 1) for r, typ in zip(rows[:2], signature.args[:2]))
             builder.store(builder.fadd(builder.load(first), builder.fmul(x, y)), first)
         lanes[0] = builder.load(first)
         while len(lanes) > 1:
@@ -240,7 +253,7 @@ def _dot_float64(typingctx, v, h, ahead):
 @numba.njit(nogil=True, cache=True)
 def rescore(vectors, weight, ids, out):
     """`out[r, j]` = vectors[r] · weight[ids[r, j]], summed in float64 in a fixed order, stored in fp32;
-    0 where the id is negative (nothing to score)."""
+    0 where the id is negative (nothing to score). `weight` is fp32, or bf16 held as uint16."""
     n, m = ids.shape
     if vectors.strides[1] != vectors.itemsize or weight.strides[1] != weight.itemsize:
         raise ValueError("rescore needs rows of adjacent values")
@@ -261,4 +274,5 @@ def warm_up() -> None:
     for logits in (np.zeros((1, BLOCK), np.float32), np.zeros((1, BLOCK), np.uint16)):  # fp32 and bf16
         scan_chunk(logits, 0, values, ids, values.copy(), ids.copy())
     sort_rows(values, ids)
-    rescore(values, values, ids, values)
+    for head in (values, np.zeros((1, BLOCK), np.uint16)):  # an fp32 head, a bf16 one
+        rescore(values, head, ids, values)

@@ -13,6 +13,7 @@ and `Σ` the mean and (population) covariance of the head's rows, computed once 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -32,23 +33,32 @@ WIDEN = 4  # candidates are multiplied by this for the rows they could not settl
 class Head:
     """The unembedding with its row statistics, prepared once per model and normalisation."""
 
-    weight: torch.Tensor  # [V, d] float32
+    weight: torch.Tensor  # [V, d] the exact head: fp32, or the fast copy where that holds it exactly
     mean: torch.Tensor  # [d]    mean of the rows
     cov: torch.Tensor  # [d, d] population covariance of the rows
     fast: FastHead  # the head in the compute dtype, for the candidate pass
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype = torch.float32, chunk: int = STATS_CHUNK) -> Head:
-        """Row mean (fp32 cascade sums: within 4e-8 of the float64 mean on SmolLM2's head) and covariance,
-        accumulated in float64 over chunks (the head can be GBs)."""
-        weight = weight.float().contiguous()
-        vocab, d = weight.shape
-        mean = weight.mean(0)
+        weight = weight.float()
+        return cls.from_rows(lambda rows: weight[rows], len(weight), dtype, chunk)
+
+    @classmethod
+    def from_rows(cls, read: Callable[[slice], torch.Tensor], vocab: int, dtype: torch.dtype = torch.float32,
+                  chunk: int = STATS_CHUNK) -> Head:
+        """From the fp32 head read `chunk` rows at a time (FastHead.from_rows says what is kept); row mean
+        and covariance accumulated in float64 over chunks."""
+        fast, weight = FastHead.from_rows(read, vocab, dtype, chunk)
+        d = weight.shape[1]
+        total = torch.zeros(d, dtype=torch.float64, device=weight.device)
+        for i in range(0, vocab, chunk):
+            total += weight[i:i + chunk].sum(0, dtype=torch.float64)
+        mean = (total / vocab).float()
         cov = torch.zeros(d, d, dtype=torch.float64, device=weight.device)
         for i in range(0, vocab, chunk):
-            c = weight[i:i + chunk] - mean  # [chunk, d]
+            c = weight[i:i + chunk].float() - mean  # [chunk, d]
             cov += (c.T @ c).double()
-        return cls(weight, mean, (cov / vocab).float(), FastHead.from_weight(weight, dtype, chunk))
+        return cls(weight, mean, (cov / vocab).float(), fast)
 
 
 @dataclass(frozen=True)

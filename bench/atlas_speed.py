@@ -5,8 +5,8 @@ Prints, for one model (default: the embedded SmolLM2-135M-Instruct):
      each written into a reused buffer; the best of a grid of shapes in short runs, then timed again in
      runs of seconds), fp32 and bf16, the faster of the two being the roofline;
   2. a few partitions projected three ways: the naive baseline (fp32 `W @ W_U.T`, then `topk` and the
-     mean/std over the whole logit matrix), our `project_block` and the bare product, the last two a
-     partition per lane (one torch thread each) as the build runs them;
+     mean/std over the whole logit matrix), our `project_block` and the bare product, the last two in
+     the dtype `--dtype auto` picks and a partition per lane (one torch thread each) as the build runs them;
   3. the full `atlas build` of the model in a subprocess: wall time, achieved FLOP/s
      (2 · neurons · d_model · vocabulary per matrix and layer), ratio to the roofline, peak RSS; and the
      bare product of every partition in lanes, as long as the build, right before and right after it:
@@ -32,9 +32,9 @@ from pipeline.atlas.project import CPU_CHUNK, PRODUCT_BLOCK, Head, project_block
 from pipeline.sources import open_source, resolve
 from pipeline.sources.embedded import DEFAULT_MODEL
 
-ROOF_BLOCKS = (256, 512, 1024)
+ROOF_BLOCKS = (256, 512, 1024, 2048)
 ROOF_CHUNKS = (512, 1024, 4096)
-ROOF_SAMPLE = (1024, 16384)  # neurons × vocabulary rows timed per shape: the rate, not the size, matters
+ROOF_SAMPLE = (2048, 16384)  # neurons × vocabulary rows timed per shape: the rate, not the size, matters
 SUSTAINED, FINALISTS = 2.0, 3  # the best shapes of the short runs are timed again in runs of seconds
 
 
@@ -73,24 +73,24 @@ def bare_product(head: torch.Tensor, vectors: torch.Tensor, dtype: torch.dtype, 
 
 def gemm_rate(head: torch.Tensor, vectors: torch.Tensor, dtype: torch.dtype, block: int, chunk: int,
               lanes: int, repeats: int) -> float:
-    """FLOP/s of the bare product at one shape: with every torch thread (lanes = 1), or split into
-    `lanes` single-threaded lanes as the build runs."""
-    parts = list(vectors.chunk(lanes))
-    runs = [bare_product(head, part, dtype, block, chunk) for part in parts]
+    """FLOP/s of the bare product at one shape: with every torch thread (lanes = 1), or as `lanes`
+    single-threaded lanes each multiplying all of `vectors`, as the build runs a partition per lane."""
+    runs = [bare_product(head, vectors, dtype, block, chunk) for _ in range(lanes)]
     seconds = best_time(lambda: runs[0]() if lanes == 1 else in_lanes(lambda run: run(), runs, lanes), repeats)
-    return 2 * vectors.shape[0] * vectors.shape[1] * head.shape[0] / seconds
+    return lanes * 2 * vectors.shape[0] * vectors.shape[1] * head.shape[0] / seconds
 
 
 def roofline(head: torch.Tensor, vectors: torch.Tensor, repeats: int) -> dict[str, tuple[float, float, str]]:
     """Per dtype: the best GEMM rate over modes, block and chunk shapes in runs of SUSTAINED seconds, the
     best in short runs, and the shape. The short runs pick the FINALISTS shapes timed again at length: the
     best of a grid of short runs is biased up by the machine's noise."""
-    head, vectors = head[:ROOF_SAMPLE[1]], vectors[:ROOF_SAMPLE[0]]
+    blocks = sorted({*ROOF_BLOCKS, min(len(vectors), PRODUCT_BLOCK)})  # the build's own: a partition per product
+    head, vectors = head[:ROOF_SAMPLE[1]], vectors.repeat(-(-ROOF_SAMPLE[0] // len(vectors)), 1)[:ROOF_SAMPLE[0]]
     threads = torch.get_num_threads()
     best = {}
     for dtype in ("float32", "bfloat16"):
         rates = sorted([(gemm_rate(head, vectors, getattr(torch, dtype), b, c, lanes, repeats), (b, c, lanes))
-                        for lanes in sorted({1, threads}) for b in ROOF_BLOCKS for c in ROOF_CHUNKS], reverse=True)
+                        for lanes in sorted({1, threads}) for b in blocks for c in ROOF_CHUNKS], reverse=True)
         burst = rates[0][0]
         once = 2 * vectors.shape[0] * vectors.shape[1] * head.shape[0] / burst  # seconds of one run
         longer = vectors.repeat(max(1, round(SUSTAINED / once)), 1)
@@ -136,8 +136,9 @@ def main() -> None:
     rates = roofline(head, layer, args.repeats)
     roof_dtype = max(rates, key=rates.get)
     roof, burst = rates[roof_dtype][:2]
-    print(f"\n1. roofline: GEMM rate of {ROOF_SAMPLE[0]} neurons × {ROOF_SAMPLE[1]} head rows (d {d}), best of "
-          f"blocks {ROOF_BLOCKS} × vocabulary chunks {ROOF_CHUNKS}, all threads or one lane per core, in short "
+    print(f"\n1. roofline: GEMM rate of {ROOF_SAMPLE[0]} neurons (per lane) × {ROOF_SAMPLE[1]} head rows (d {d}), "
+          f"best of blocks {sorted({*ROOF_BLOCKS, min(n, PRODUCT_BLOCK)})} × vocabulary chunks {ROOF_CHUNKS}, all "
+          f"threads or one lane per core, in short "
           f"runs; then the {FINALISTS} best shapes in runs of {SUSTAINED:.0f} s, best of {args.repeats}:")
     for dt, (r, b, how) in rates.items():
         print(f"   {dt:9s} {r / 1e9:8.1f} GFLOP/s sustained ({b / 1e9:.1f} in short runs) at {how}"

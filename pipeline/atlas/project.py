@@ -51,8 +51,8 @@ class Head:
         fast, weight = FastHead.from_rows(read, vocab, dtype, chunk)
         d = weight.shape[1]
         total = torch.zeros(d, dtype=torch.float64, device=weight.device)
-        for i in range(0, vocab, chunk):
-            total += weight[i:i + chunk].sum(0, dtype=torch.float64)
+        for i in range(0, vocab, chunk):  # fp32 sums within a chunk (torch's cascade), float64 across
+            total += weight[i:i + chunk].float().sum(0).double()
         mean = (total / vocab).float()
         cov = torch.zeros(d, d, dtype=torch.float64, device=weight.device)
         for i in range(0, vocab, chunk):

@@ -222,9 +222,10 @@ def test_a_sharded_checkpoint_is_hashed_once_per_shard_and_cached(model_dir, tmp
     assert source_sha256(source, cache) == hashlib.sha256(lines.encode()).hexdigest()
 
 
-def test_bf16_and_fp32_compute_give_the_identical_atlas(model_dir, tmp_path):
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])  # bf16: the head is kept once, in bf16
+def test_bf16_and_fp32_compute_give_the_identical_atlas(model_dir, tmp_path, stored):
     """The compute dtype is a speed choice only: certified candidates make both builds byte-for-byte equal."""
-    folder = model_dir("llama", tie=True)
+    folder = model_dir("llama", tie=True, dtype=stored)
     for dtype in ("float32", "bfloat16"):
         assert run_cli("build", folder, "--out", tmp_path / dtype, "--dtype", dtype, "-q").exit_code == 0
     files = sorted((tmp_path / "float32").rglob("*.parquet"))

@@ -77,15 +77,15 @@ class FastHead:
             lo = low[s:s + len(rows)]
             lo.copy_(rows)
             wide = lo.float()
-            norm = max(norm, float(wide.norm(dim=1).max()))
-            err = max(err, float((rows - wide).norm(dim=1).max()))  # h − ĥ is exact in fp32: ĥ is h rounded
+            norm = max(norm, float(_row_norms(wide).max()))
+            if dtype != torch.float32:  # h − ĥ is exact in fp32: ĥ is h rounded
+                err = max(err, float(_row_norms(rows - wide).max()))
             if exact is None and err > 0:  # the first row the fast copy rounds: keep fp32 from here on
                 exact = torch.empty(low.shape, device=low.device)
                 exact[:s] = low[:s]
             if exact is not None:
                 exact[s:s + len(rows)] = rows
-        grow = 1 + (low.shape[1] + 2) * U_FP32  # covers the rounding of an fp32 norm, a sum of d squares
-        fast = cls(low, norm * grow, err * grow, U_BF16 if dtype == torch.bfloat16 else 0.0)
+        fast = cls(low, norm, err, U_BF16 if dtype == torch.bfloat16 else 0.0)
         return fast, low if exact is None else exact
 
     @property
@@ -97,13 +97,17 @@ def error_bound(vectors: torch.Tensor, fast: FastHead, max_abs_logit: torch.Tens
     """`[n]` float64 bound on |exact − approximate| logit for each neuron over the whole vocabulary."""
     d = vectors.shape[1]
     v_low = vectors.to(fast.dtype).float()
-    grow = 1 + (d + 2) * U_FP32  # covers the rounding of an fp32 norm
-    v_norm, v_err = (v_low.norm(dim=1) * grow).double(), ((vectors - v_low).norm(dim=1) * grow).double()
+    v_norm, v_err = _row_norms(v_low).double(), _row_norms(vectors - v_low).double()
     gamma = d * U_FP32 / (1 - d * U_FP32)
     pre = v_norm * fast.row_error + v_err * (fast.row_norm + fast.row_error) + gamma * v_norm * fast.row_norm
     # output rounding: u·|exact| ≤ u·(|a| + pre), |a| at most the largest |a| seen; /(1−u) covers the rest
     u = fast.roundoff
     return (pre + u * (max_abs_logit.double() + pre)) / (1 - u)
+
+
+def _row_norms(x: torch.Tensor) -> torch.Tensor:
+    """fp32 row norms raised by (1 + (d+2)·2⁻²⁴), which covers their own rounding (a sum of d squares)."""
+    return x.norm(dim=1) * (1 + (x.shape[1] + 2) * U_FP32)
 
 
 def candidates(vectors: torch.Tensor, fast: FastHead, c: int, chunk: int, floors: Floors | None = None

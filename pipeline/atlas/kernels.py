@@ -39,18 +39,21 @@ AHEAD = 8  # `rescore` prefetches the head row it will need this many dot produc
 _FAST = {"nnan", "nsz"}  # logits are never NaN; ±0 compare equal anyway
 
 
-def _block(context, builder, array_type, array, start) -> ir.Value:
-    """The BLOCK values of a 1-D array from `start` as float32 (elements adjacent: checked by the callers);
-    an array of uint16 holds bf16 values, which are the high halves of float32s."""
-    data = context.make_array(array_type)(context, builder, array).data
+def _float32s(builder, data, array_type, start, lanes: int) -> ir.Value:
+    """`lanes` values (a vector, or a scalar for 1) of a 1-D array from `start`, as float32 (elements
+    adjacent: checked by the callers); an array of uint16 holds bf16 values, the high halves of float32s."""
+    shaped = (lambda e: ir.VectorType(e, lanes)) if lanes > 1 else (lambda e: e)
+    pointer = builder.gep(data, [start])
     if array_type.dtype != types.uint16:
-        vector = ir.VectorType(ir.FloatType(), BLOCK)
-        return builder.load(builder.bitcast(builder.gep(data, [start]), vector.as_pointer()), align=4)
-    halves = builder.load(builder.bitcast(builder.gep(data, [start]), ir.VectorType(ir.IntType(16), BLOCK).as_pointer()),
-                          align=2)
-    words = builder.shl(builder.zext(halves, ir.VectorType(ir.IntType(32), BLOCK)),
-                        ir.Constant(ir.VectorType(ir.IntType(32), BLOCK), [16] * BLOCK))
-    return builder.bitcast(words, ir.VectorType(ir.FloatType(), BLOCK))
+        return builder.load(builder.bitcast(pointer, shaped(ir.FloatType()).as_pointer()), align=4)
+    halves = builder.load(builder.bitcast(pointer, shaped(ir.IntType(16)).as_pointer()), align=2)
+    sixteen = ir.Constant(shaped(ir.IntType(32)), [16] * lanes if lanes > 1 else 16)
+    return builder.bitcast(builder.shl(builder.zext(halves, shaped(ir.IntType(32))), sixteen), shaped(ir.FloatType()))
+
+
+def _block(context, builder, array_type, array, start) -> ir.Value:
+    """The BLOCK values of a 1-D array from `start`, as float32."""
+    return _float32s(builder, context.make_array(array_type)(context, builder, array).data, array_type, start, BLOCK)
 
 
 @intrinsic
@@ -58,11 +61,7 @@ def _at(typingctx, row, index):
     """`row[index]` as float32, from float32 values or from bf16 ones held as uint16."""
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        value = builder.load(builder.gep(data, [args[1]]))
-        if signature.args[0].dtype != types.uint16:
-            return value
-        return builder.bitcast(builder.shl(builder.zext(value, ir.IntType(32)), ir.Constant(ir.IntType(32), 16)),
-                               ir.FloatType())
+        return _float32s(builder, data, signature.args[0], args[1], 1)
     return types.float32(row, index), codegen
 
 
@@ -135,7 +134,7 @@ def _admit(values, ids, bound, x, token):
 def scan_chunk(logits, offset, top_values, top_ids, bottom_values, bottom_ids):
     """Fold a `[n, m]` chunk of logits (token ids `offset…offset+m−1`; float32, or bf16 held as uint16) into
     the running sets of each row: the c largest logits and the c largest negated logits. c is a multiple
-    of BLOCK; a set starts at −inf."""
+    of BLOCK; a set starts at −inf, or at a floor as placeholders (id −1) filled front to back."""
     n, m = logits.shape
     adjacent = (m == 0 or logits.strides[1] == logits.itemsize) and top_values.strides[1] == top_values.itemsize \
         and bottom_values.strides[1] == bottom_values.itemsize
@@ -217,18 +216,9 @@ def _dot_float64(typingctx, v, h, ahead):
         byte = ir.IntType(8).as_pointer()
 
         def widened(row, row_type, t, lanes):
-            """`lanes` values from t as double(s): a bf16 is the high half of an fp32."""
-            vector = (lambda e: ir.VectorType(e, lanes)) if lanes > 1 else (lambda e: e)
-            if row_type.dtype != types.uint16:
-                value = builder.load(builder.bitcast(builder.gep(row.data, [t]), vector(ir.FloatType()).as_pointer()),
-                                     align=4)
-            else:
-                halves = builder.load(builder.bitcast(builder.gep(row.data, [t]),
-                                                      vector(ir.IntType(16)).as_pointer()), align=2)
-                sixteen = ir.Constant(vector(ir.IntType(32)), [16] * lanes if lanes > 1 else 16)
-                value = builder.bitcast(builder.shl(builder.zext(halves, vector(ir.IntType(32))), sixteen),
-                                        vector(ir.FloatType()))
-            return builder.fpext(value, vector(ir.DoubleType()))
+            """`lanes` values from t as double(s)."""
+            double = ir.VectorType(ir.DoubleType(), lanes) if lanes > 1 else ir.DoubleType()
+            return builder.fpext(_float32s(builder, row.data, row_type, t, lanes), double)
 
         prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
             ir.VoidType(), [byte, ir.IntType(32), ir.IntType(32), ir.IntType(32)]), "llvm.prefetch.p0i8")

@@ -80,11 +80,11 @@ def gemm_rate(head: torch.Tensor, vectors: torch.Tensor, dtype: torch.dtype, blo
     return lanes * 2 * vectors.shape[0] * vectors.shape[1] * head.shape[0] / seconds
 
 
-def roofline(head: torch.Tensor, vectors: torch.Tensor, repeats: int) -> dict[str, tuple[float, float, str]]:
+def roofline(head: torch.Tensor, vectors: torch.Tensor, blocks: list[int], repeats: int
+             ) -> dict[str, tuple[float, float, str]]:
     """Per dtype: the best GEMM rate over modes, block and chunk shapes in runs of SUSTAINED seconds, the
     best in short runs, and the shape. The short runs pick the FINALISTS shapes timed again at length: the
     best of a grid of short runs is biased up by the machine's noise."""
-    blocks = sorted({*ROOF_BLOCKS, min(len(vectors), PRODUCT_BLOCK)})  # the build's own: a partition per product
     head, vectors = head[:ROOF_SAMPLE[1]], vectors.repeat(-(-ROOF_SAMPLE[0] // len(vectors)), 1)[:ROOF_SAMPLE[0]]
     threads = torch.get_num_threads()
     best = {}
@@ -133,11 +133,12 @@ def main() -> None:
           f"d_model {d}, vocabulary {vocab}; torch {torch.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
 
-    rates = roofline(head, layer, args.repeats)
+    blocks = sorted({*ROOF_BLOCKS, min(n, PRODUCT_BLOCK)})  # with the build's own: a partition per product
+    rates = roofline(head, layer, blocks, args.repeats)
     roof_dtype = max(rates, key=rates.get)
     roof, burst = rates[roof_dtype][:2]
     print(f"\n1. roofline: GEMM rate of {ROOF_SAMPLE[0]} neurons (per lane) × {ROOF_SAMPLE[1]} head rows (d {d}), "
-          f"best of blocks {sorted({*ROOF_BLOCKS, min(n, PRODUCT_BLOCK)})} × vocabulary chunks {ROOF_CHUNKS}, all "
+          f"best of blocks {blocks} × vocabulary chunks {ROOF_CHUNKS}, all "
           f"threads or one lane per core, in short "
           f"runs; then the {FINALISTS} best shapes in runs of {SUSTAINED:.0f} s, best of {args.repeats}:")
     for dt, (r, b, how) in rates.items():

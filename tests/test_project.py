@@ -175,23 +175,40 @@ def test_sort_by_value_then_id_matches_lexsort_with_ties_signed_zeros_and_infini
         assert np.array_equal(got_values.numpy(), np.take_along_axis(values.numpy(), order, 1))
 
 
-def test_rows_left_unproven_are_settled_by_wider_candidates_then_in_float64(head_with_ties, monkeypatch):
-    """Only rows that need it pay: a cut inside 40 near-identical head rows needs more bf16 candidates
-    than 32, a dead neuron (every logit tied) the float64 pass."""
+@pytest.mark.parametrize("bf16_checkpoint", [False, True])
+def test_rows_left_unproven_are_settled_in_fp32_with_wider_candidates_then_in_float64(head_with_ties, monkeypatch,
+                                                                                      bf16_checkpoint):
+    """Only rows that need it pay: a cut inside 40 near-identical head rows is beyond what bf16 resolves
+    and is settled by fp32 over the exact head (fp32, or a bf16 checkpoint's head kept in bf16), a dead
+    neuron (every logit tied) from float64 logits."""
     head = head_with_ties.clone()
     g = torch.Generator().manual_seed(7)
-    head[1000:1040] = head[60] + 1e-5 * torch.randn(40, 48, generator=g)  # far closer than bf16 resolves
+    if bf16_checkpoint:  # rows one bf16 ulp apart in one coordinate: ties in bf16 logits, not in exact ones
+        head = head.bfloat16().float()
+        head[1000:1040] = head[60]
+        for i in range(40):
+            head[1000 + i, i] = head[60, i].bfloat16().nextafter(torch.tensor(9.0, dtype=torch.bfloat16)).float()
+    else:
+        head[1000:1040] = head[60] + 1e-5 * torch.randn(40, 48, generator=g)  # far closer than bf16 resolves
     vectors = torch.randn(50, 48, generator=g)
     vectors[3] = head[60] * 3  # its top 12 lie among the 41 near-ties
     vectors[4] = 0
     seen = {}
     sides, float64 = project._exact_sides, project._float64_topk
-    monkeypatch.setattr(project, "_exact_sides", lambda v, *a: seen.setdefault("widened", []).append(a[2]) or sides(v, *a))
+
+    def spy_sides(v, head, k, c, *rest):
+        seen.setdefault("projected", []).append((c, (rest[2] if len(rest) > 2 else head.fast).dtype))
+        return sides(v, head, k, c, *rest)
+
+    monkeypatch.setattr(project, "_exact_sides", spy_sides)
     monkeypatch.setattr(project, "_float64_topk", lambda v, *a: seen.setdefault("float64", []).append(len(v)) or float64(v, *a))
-    p = project_block(vectors, Head.from_weight(head, torch.bfloat16), k=12, chunk=1000, candidates=32)
-    _, top, bottom = reference(vectors, head, 12)
+    fitted = Head.from_weight(head, torch.bfloat16)
+    assert (fitted.weight.dtype == torch.bfloat16) == bf16_checkpoint
+    p = project_block(vectors, fitted, k=12, chunk=1000, candidates=32)
+    logits, top, bottom = reference(vectors, head, 12)
     assert np.array_equal(p.top_ids.numpy(), top) and np.array_equal(p.bottom_ids.numpy(), bottom)
-    assert seen == {"widened": [32, 128], "float64": [1]}
+    np.testing.assert_array_equal(p.top_logits.numpy(), np.take_along_axis(logits, top, 1).astype(np.float32))
+    assert seen == {"projected": [(32, torch.bfloat16), (128, torch.float32)], "float64": [1]}
 
 
 def test_logits_within_fp32_rounding_are_ordered_by_their_true_values():

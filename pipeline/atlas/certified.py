@@ -17,8 +17,10 @@ exact logit L is again at most the row's exact k-th. Any token t outside the can
 a_t ≤ a_c, so if a_c + ε < L its exact logit is below L and it is not in the top-k: the row is
 proven, its top-k being the re-scored candidates' ordered by (value desc, id asc). Using the exact L
 instead of a_k − ε halves the margin the candidates must clear, so a third as many suffice. Rows
-where the margin does not hold are projected again with four times the candidates, and in float64
-over the whole vocabulary when that would be a large share of it (ties at the cut, dead neurons).
+where the margin does not hold (a crowd of near-equal logits at the cut) are projected again in fp32
+over the exact head, whose bound is the accumulation's alone, with four times the candidates; rows
+that still fail (exact ties at the cut, dead neurons) are settled from float64 logits of the whole
+vocabulary.
 Either way the atlas is the same on every device and dtype: the order of the true logits, stored in
 fp32.
 """
@@ -57,6 +59,7 @@ class FastHead:
     row_norm: float  # max ‖ĥ‖
     row_error: float  # max ‖h − ĥ‖
     roundoff: float  # unit roundoff of the product's output dtype beyond fp32 accumulation
+    dtype: torch.dtype  # the product's: `weight`'s, or fp32 over an exact bf16 head (`in_fp32`)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype = torch.float32, chunk: int = 8192) -> FastHead:
@@ -85,12 +88,13 @@ class FastHead:
                 exact[:s] = low[:s]
             if exact is not None:
                 exact[s:s + len(rows)] = rows
-        fast = cls(low, norm, err, U_BF16 if dtype == torch.bfloat16 else 0.0)
+        fast = cls(low, norm, err, U_BF16 if dtype == torch.bfloat16 else 0.0, dtype)
         return fast, low if exact is None else exact
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weight.dtype
+    def in_fp32(self, exact: torch.Tensor) -> FastHead:
+        """The exact head as a fast head multiplied in fp32: no rounded inputs, so its bound is the fp32
+        accumulation's alone, for rows whose candidates the fast dtype could not settle."""
+        return FastHead(exact, self.row_norm + self.row_error, 0.0, 0.0, torch.float32)  # ‖h‖ ≤ ‖ĥ‖ + ‖δh‖
 
 
 def error_bound(vectors: torch.Tensor, fast: FastHead, max_abs_logit: torch.Tensor) -> torch.Tensor:
@@ -141,7 +145,7 @@ def topk_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int) -> tupl
     """`candidates` by `topk` per chunk and a merge: any device."""
     top = bottom = None
     for s in range(0, fast.weight.shape[0], chunk):
-        a = (v @ fast.weight[s:s + chunk].T).float()  # [n, chunk]
+        a = (v @ fast.weight[s:s + chunk].to(v.dtype).T).float()  # [n, chunk]
         cc = min(c, a.shape[1])
         t, b = a.topk(cc, dim=1), a.topk(cc, dim=1, largest=False)  # no negated copy of the chunk
         t, b = (t.values, t.indices + s), (-b.values, b.indices + s)
@@ -169,7 +173,7 @@ def scan_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int, floors:
     for i, rows in enumerate(fast.weight.split(chunk)):
         if len(rows) < chunk:  # the last, ragged chunk
             out = out[:, :len(rows)]
-        torch.matmul(v, rows.T, out=out)
+        torch.matmul(v, rows.to(v.dtype).T, out=out)
         kernels.scan_chunk(_numpy(out), i * chunk, *state)
     kernels.sort_rows(*state[:2])
     kernels.sort_rows(*state[2:])

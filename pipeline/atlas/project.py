@@ -26,7 +26,7 @@ ACCELERATOR_CHUNK = 1 << 16  # GPUs: few large products
 PRODUCT_BLOCK = 4096  # neurons per product (a whole partition, mostly); the atlas keeps blocks of `block_size`
 STATS_CHUNK = 8192
 EXTRA_CANDIDATES = {torch.float32: 8, torch.bfloat16: 44}  # beyond k: >98% of SmolLM2 rows are proven
-WIDEN = 4  # candidates are multiplied by this for the rows they could not settle
+WIDEN = 4  # candidates are multiplied by this for the rows the fast dtype could not settle
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def project_block(vectors: torch.Tensor, head: Head, k: int, chunk: int | None =
     The product runs in the head's compute dtype and proposes `candidates` tokens per side (on the CPU a
     scan that starts at floors set by each row's exact mean and std), of which those that can make the
     top-k are re-scored exactly (certified.py); rows the error bound cannot settle are projected again
-    with more candidates, and in float64 when those would be a large share of the vocabulary.
+    in fp32 with more candidates, and those that still fail from float64 logits.
     """
     vocab = head.weight.shape[0]
     k = min(k, vocab)
@@ -111,35 +111,39 @@ def project_block(vectors: torch.Tensor, head: Head, k: int, chunk: int | None =
     c = max(k, min(vocab, -(-c // kernels.BLOCK) * kernels.BLOCK))  # the scan keeps a multiple of its block
     mean = vectors @ head.mean
     std = ((vectors @ head.cov) * vectors).sum(1).clamp_min(0).sqrt()
-    top, bottom = _exact_sides(vectors, head, k, c, chunk, mean, std)
+    top, bottom = _exact_sides(vectors, head, k, c, chunk, certified.scan_floors(mean, std, c, vocab))
     return Projection(top.ids, top.values, bottom.ids, -bottom.values, mean, std, vectors.norm(dim=1))
 
 
-def _exact_sides(vectors: torch.Tensor, head: Head, k: int, c: int, chunk: int, mean: torch.Tensor,
-                 std: torch.Tensor) -> tuple[Settled, Settled]:
-    """Top-k of the logits and of their negation, from c candidates each, widened where not proven."""
-    vocab = head.weight.shape[0]
-    floors = certified.scan_floors(mean, std, c, vocab)
-    tv, ti, bv, bi = certified.candidates(vectors, head.fast, c, chunk, floors)
-    eps = certified.error_bound(vectors, head.fast, torch.maximum(tv[:, 0].abs(), bv[:, 0].abs()))
+def _exact_sides(vectors: torch.Tensor, head: Head, k: int, c: int, chunk: int, floors: certified.Floors | None,
+                 fast: FastHead | None = None) -> tuple[Settled, Settled]:
+    """Top-k of the logits and of their negation from c candidates each of the `fast` head (default:
+    the head's), scanned from `floors`; rows it leaves unproven are projected again in fp32 over the
+    exact head with WIDEN·c candidates and no floors (few rows, one pass), and those that still fail, or
+    would be a large share of the vocabulary, from float64 logits."""
+    vocab, fast = head.weight.shape[0], fast or head.fast
+    tv, ti, bv, bi = certified.candidates(vectors, fast, c, chunk, floors)
+    eps = certified.error_bound(vectors, fast, torch.maximum(tv[:, 0].abs(), bv[:, 0].abs()))
     top = certified.settle(vectors, head.weight, tv, ti, k, eps)
     bottom = certified.settle(vectors, head.weight, bv, bi, k, eps, sign=-1)
     rows = (~(top.proven & bottom.proven)).nonzero().squeeze(1)
     if len(rows):
         wider = WIDEN * c
-        again = (_exact_sides(vectors[rows], head, k, wider, chunk, mean[rows], std[rows]) if wider * 8 <= vocab
-                 else _float64_topk(vectors[rows], head.weight, k, chunk))
+        again = (_exact_sides(vectors[rows], head, k, wider, chunk, None, fast.in_fp32(head.weight))
+                 if fast is head.fast and wider * 8 <= vocab else _float64_topk(vectors[rows], head.weight, k, chunk))
         for side, (values, ids, *_) in zip((top, bottom), again):
             side.values[rows], side.ids[rows] = values, ids
     return top, bottom
 
 
 def _float64_topk(vectors: torch.Tensor, weight: torch.Tensor, k: int, chunk: int):
-    """Top-k of the logits (float64 sums, rounded to fp32) and of their negation, ties by lower id."""
+    """Top-k of the logits and of their negation, ties by lower id, from every logit summed in float64
+    and rounded to fp32 (`certified.rescore`, as the candidates' exact values), a chunk at a time."""
     top = bottom = None
-    v = vectors.double()
+    chunk = min(chunk, max(1, certified.RESCORE_BYTES // (8 * weight.shape[1])))  # one row's gather on a GPU
     for start in range(0, weight.shape[0], chunk):
-        logits = (v @ weight[start:start + chunk].double().T).float()  # [n, chunk]
+        rows = weight[start:start + chunk]
+        logits = certified.rescore(vectors, rows, torch.arange(len(rows), device=vectors.device).expand(len(vectors), -1))
         t = _chunk_topk(logits, k, start)
         b = _chunk_topk(-logits, k, start)
         top = t if top is None else _merge(top, t, k)

@@ -57,6 +57,14 @@ def test_statistics_equal_the_full_logit_vector(head_with_ties):
     np.testing.assert_allclose(z.numpy(), expected.numpy(), rtol=1e-4)
 
 
+@pytest.mark.parametrize("d", [1, 3, 7, 48, 130])
+def test_gram_from_its_upper_block_triangle_is_the_whole_product_and_symmetric(d):
+    x = torch.randn(300, d, generator=torch.Generator().manual_seed(d))
+    g = project.gram(x)
+    torch.testing.assert_close(g.double(), x.double().T @ x.double(), rtol=1e-5, atol=1e-4)
+    assert torch.equal(g, g.T)
+
+
 def test_k_larger_than_the_vocabulary_returns_every_token():
     head = torch.randn(10, 8)
     p = project_block(torch.randn(3, 8), Head.from_weight(head), k=50, chunk=4)

@@ -57,12 +57,32 @@ def test_statistics_equal_the_full_logit_vector(head_with_ties):
     np.testing.assert_allclose(z.numpy(), expected.numpy(), rtol=1e-4)
 
 
-@pytest.mark.parametrize("d", [1, 3, 7, 48, 130])
-def test_gram_from_its_upper_block_triangle_is_the_whole_product_and_symmetric(d):
-    x = torch.randn(300, d, generator=torch.Generator().manual_seed(d))
-    g = project.gram(x)
-    torch.testing.assert_close(g.double(), x.double().T @ x.double(), rtol=1e-5, atol=1e-4)
-    assert torch.equal(g, g.T)
+@pytest.mark.parametrize("d", [1, 3, 7, 48, 130, 515])
+def test_gram_from_its_upper_block_triangle_is_the_whole_product_symmetric_and_the_same_on_any_threads(d):
+    """The head's statistics are computed with every core: their bits must not depend on how many."""
+    x = torch.randn(3000, d, generator=torch.Generator().manual_seed(d))
+    threads = torch.get_num_threads()
+    try:
+        grams = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            grams.append(project.gram(x))
+    finally:
+        torch.set_num_threads(threads)
+    g = grams[0]
+    scale = x.double().abs().T @ x.double().abs()  # fp32 sums err relative to the sum of magnitudes
+    assert bool(((g.double() - x.double().T @ x.double()).abs() <= 1e-5 * scale).all())
+    assert torch.equal(g, g.T) and torch.equal(g, grams[1])
+
+
+@pytest.mark.parametrize("d", [1, 3, 7, 48, 130, 515])
+def test_quadratic_form_from_the_upper_block_triangle_equals_the_whole_product(d):
+    g = torch.Generator().manual_seed(d)
+    x, m = torch.randn(40, d, generator=g), torch.randn(d, d, generator=g)
+    sym = m + m.T
+    expected = ((x.double() @ sym.double()) * x.double()).sum(1)
+    scale = ((x.double().abs() @ sym.double().abs()) * x.double().abs()).sum(1)  # fp32 sums err relative to it
+    assert bool(((project.quadratic_form(x, sym).double() - expected).abs() <= 1e-5 * scale).all())
 
 
 def test_k_larger_than_the_vocabulary_returns_every_token():

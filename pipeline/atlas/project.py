@@ -25,7 +25,8 @@ CPU_CHUNK = {torch.float32: 512, torch.bfloat16: 1024}  # head rows per product:
 ACCELERATOR_CHUNK = 1 << 16  # GPUs: few large products
 PRODUCT_BLOCK = 4096  # neurons per product (a whole partition, mostly); the atlas keeps blocks of `block_size`
 STATS_CHUNK = 8192
-GRAM_BLOCKS = 4  # the head covariance multiplies 10 of 4×4 blocks: Gemma 3's 0.96 → 0.63 s
+GRAM_BLOCKS = 4  # covariance and variances multiply 10 of 4×4 blocks: Gemma 3's covariance 0.96 → 0.63 s
+MIN_BAND = 128  # rows per block at least: smaller products' sums depend on the thread count (`_block_bounds`)
 EXTRA_CANDIDATES = {torch.float32: 8, torch.bfloat16: 44}  # beyond k: >98% of SmolLM2 rows are proven
 WIDEN = 4  # candidates are multiplied by this for the rows the fast dtype could not settle
 
@@ -65,11 +66,32 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     """`xᵀx` from its upper block triangle, mirrored (so exactly symmetric): of GRAM_BLOCKS² blocks only
     those on and above the diagonal are multiplied, 10 of 16."""
     d = x.shape[1]
-    edges = [d * i // GRAM_BLOCKS for i in range(GRAM_BLOCKS + 1)]
     out = torch.empty(d, d, dtype=x.dtype, device=x.device)
-    for a, b in zip(edges, edges[1:]):
+    for a, b in _block_bounds(d):
         out[a:b, a:] = x[:, a:b].T @ x[:, a:]  # rows a…b from the diagonal on
     return out.triu() + out.triu(1).T
+
+
+def quadratic_form(x: torch.Tensor, sym: torch.Tensor) -> torch.Tensor:
+    """Each row's `x S xᵀ` for a symmetric `S`, from its upper block triangle (10 of 16 blocks): the
+    variance of every neuron's logits, a product that costs d/V of the fp32 projection."""
+    total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    for a, b in _block_bounds(x.shape[1]):
+        band = x[:, a:b] @ sym[a:b, a:]  # [n, d − a]
+        total += (band[:, :b - a] * x[:, a:b]).sum(1) + 2 * (band[:, b - a:] * x[:, b:]).sum(1)
+    return total
+
+
+def _block_bounds(d: int) -> list[tuple[int, int]]:
+    """The column ranges [a, b) that split a width d: GRAM_BLOCKS of them, or one below GRAM_BLOCKS·MIN_BAND.
+
+    A BLAS splits a product's inner dimension over threads when its output is small (bands of 12 rows
+    did at 3 threads), and then its sums, so the atlas, would depend on the machine's thread count;
+    bands of ≥ 128 rows gave the same bits at 1 to 32 threads, as the whole product does.
+    """
+    blocks = GRAM_BLOCKS if d >= GRAM_BLOCKS * MIN_BAND else 1
+    edges = [d * i // blocks for i in range(blocks + 1)]
+    return list(zip(edges, edges[1:]))
 
 
 @dataclass(frozen=True)
@@ -121,7 +143,7 @@ def project_block(vectors: torch.Tensor, head: Head, k: int, chunk: int | None =
     c = candidates or k + EXTRA_CANDIDATES[head.fast.dtype]
     c = max(k, min(vocab, -(-c // kernels.BLOCK) * kernels.BLOCK))  # the scan keeps a multiple of its block
     mean = vectors @ head.mean
-    std = ((vectors @ head.cov) * vectors).sum(1).clamp_min(0).sqrt()
+    std = quadratic_form(vectors, head.cov).clamp_min(0).sqrt()
     top, bottom = _exact_sides(vectors, head, k, c, chunk, certified.scan_floors(mean, std, c, vocab))
     return Projection(top.ids, top.values, bottom.ids, -bottom.values, mean, std, vectors.norm(dim=1))
 

@@ -138,9 +138,8 @@ def main() -> None:
     roof_dtype = max(rates, key=rates.get)
     roof, burst = rates[roof_dtype][:2]
     print(f"\n1. roofline: GEMM rate of {ROOF_SAMPLE[0]} neurons (per lane) × {ROOF_SAMPLE[1]} head rows (d {d}), "
-          f"best of blocks {blocks} × vocabulary chunks {ROOF_CHUNKS}, all "
-          f"threads or one lane per core, in short "
-          f"runs; then the {FINALISTS} best shapes in runs of {SUSTAINED:.0f} s, best of {args.repeats}:")
+          f"best of blocks {blocks} × vocabulary chunks {ROOF_CHUNKS}, all threads or one lane per core, "
+          f"in short runs; then the {FINALISTS} best shapes in runs of {SUSTAINED:.0f} s, best of {args.repeats}:")
     for dt, (r, b, how) in rates.items():
         print(f"   {dt:9s} {r / 1e9:8.1f} GFLOP/s sustained ({b / 1e9:.1f} in short runs) at {how}"
               f"{'   <- roofline' if dt == roof_dtype else ''}")

@@ -58,7 +58,7 @@ def _digests(paths: list[Path], cache_file: Path | None) -> list[str]:
     """Each file's SHA-256: from its hub blob name, from `cache_file` (keyed by path, size and mtime), or
     read, the shards of a checkpoint in parallel (hashlib releases the GIL), and added to the cache."""
     real = [Path(os.path.realpath(p)) for p in paths]
-    keys = [f"{r}:{r.stat().st_size}:{r.stat().st_mtime_ns}" for r in real]
+    keys = [f"{r}:{st.st_size}:{st.st_mtime_ns}" for r, st in ((r, r.stat()) for r in real)]
     cache = _load_json(cache_file)
     known = {k: r.name for k, r in zip(keys, real) if r.parent.name == "blobs" and _HUB_BLOB.fullmatch(r.name)}
     missing = {k: r for k, r in zip(keys, real) if k not in known and k not in cache}

@@ -27,8 +27,9 @@ from fresh_build import fresh_build
 
 from pipeline.arch import ArchAdapter
 from pipeline.atlas.lanes import lane_pool
+from pipeline.atlas import certified
 from pipeline.atlas.certified import fastest_dtype
-from pipeline.atlas.project import CPU_CHUNK, PRODUCT_BLOCK, Head, project_block
+from pipeline.atlas.project import PRODUCT_BLOCK, Head, candidate_count, cpu_chunk, project_block
 from pipeline.sources import open_source, resolve
 from pipeline.sources.embedded import DEFAULT_MODEL
 
@@ -59,14 +60,14 @@ def best_time(fn, repeats: int) -> float:
 def bare_product(head: torch.Tensor, vectors: torch.Tensor, dtype: torch.dtype, block: int, chunk: int):
     """A closure computing `vectors @ head.T` in `dtype` in [block, chunk] pieces into one reused buffer."""
     h, v = head.to(dtype), vectors.to(dtype)
-    out = torch.empty(block, chunk, dtype=dtype)
+    buffer = torch.empty(block * chunk, dtype=dtype)
 
     def run():
-        for b in range(0, len(v), block):
-            rows = v[b:b + block]
-            for s in range(0, len(h), chunk):
-                cols = h[s:s + chunk]
-                torch.matmul(rows, cols.T, out=out[:len(rows), :len(cols)])
+        for s in range(0, len(h), chunk):  # as the build: each chunk of the head times every block
+            cols = h[s:s + chunk]
+            for b in range(0, len(v), block):
+                rows = v[b:b + block]
+                torch.matmul(rows, cols.T, out=buffer[:len(rows) * len(cols)].view(len(rows), len(cols)))
 
     return run
 
@@ -80,7 +81,7 @@ def gemm_rate(head: torch.Tensor, vectors: torch.Tensor, dtype: torch.dtype, blo
     return lanes * 2 * vectors.shape[0] * vectors.shape[1] * head.shape[0] / seconds
 
 
-def roofline(head: torch.Tensor, vectors: torch.Tensor, blocks: list[int], repeats: int
+def roofline(head: torch.Tensor, vectors: torch.Tensor, blocks: list[int], chunks: list[int], repeats: int
              ) -> dict[str, tuple[float, float, str]]:
     """Per dtype: the best GEMM rate over modes, block and chunk shapes in runs of SUSTAINED seconds, the
     best in short runs, and the shape. The short runs pick the FINALISTS shapes timed again at length: the
@@ -90,7 +91,7 @@ def roofline(head: torch.Tensor, vectors: torch.Tensor, blocks: list[int], repea
     best = {}
     for dtype in ("float32", "bfloat16"):
         rates = sorted([(gemm_rate(head, vectors, getattr(torch, dtype), b, c, lanes, repeats), (b, c, lanes))
-                        for lanes in sorted({1, threads}) for b in blocks for c in ROOF_CHUNKS], reverse=True)
+                        for lanes in sorted({1, threads}) for b in blocks for c in chunks], reverse=True)
         burst = rates[0][0]
         once = 2 * vectors.shape[0] * vectors.shape[1] * head.shape[0] / burst  # seconds of one run
         longer = vectors.repeat(max(1, round(SUSTAINED / once)), 1)
@@ -133,12 +134,16 @@ def main() -> None:
           f"d_model {d}, vocabulary {vocab}; torch {torch.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
 
-    blocks = sorted({*ROOF_BLOCKS, min(n, PRODUCT_BLOCK)})  # with the build's own: a partition per product
-    rates = roofline(head, layer, blocks, args.repeats)
+    # the build's own shapes in either dtype: neurons per product (the scan's), head rows per chunk
+    build = {dt: (min(n, certified.scan_rows(candidate_count(args.k, vocab, dt))), cpu_chunk(d, dt))
+             for dt in (torch.float32, torch.bfloat16)}
+    blocks = sorted({*ROOF_BLOCKS, min(n, PRODUCT_BLOCK), *(b for b, _ in build.values())})
+    chunks = sorted({*ROOF_CHUNKS, *(c for _, c in build.values())})
+    rates = roofline(head, layer, blocks, chunks, args.repeats)
     roof_dtype = max(rates, key=rates.get)
     roof, burst = rates[roof_dtype][:2]
     print(f"\n1. roofline: GEMM rate of {ROOF_SAMPLE[0]} neurons (per lane) × {ROOF_SAMPLE[1]} head rows (d {d}), "
-          f"best of blocks {blocks} × vocabulary chunks {ROOF_CHUNKS}, all threads or one lane per core, "
+          f"best of blocks {blocks} × vocabulary chunks {chunks}, all threads or one lane per core, "
           f"in short runs; then the {FINALISTS} best shapes in runs of {SUSTAINED:.0f} s, best of {args.repeats}:")
     for dt, (r, b, how) in rates.items():
         print(f"   {dt:9s} {r / 1e9:8.1f} GFLOP/s sustained ({b / 1e9:.1f} in short runs) at {how}"
@@ -150,10 +155,10 @@ def main() -> None:
     flop_parts = 2 * sum(len(p) for p in parts) * d * vocab
     dtype = fastest_dtype(torch.device("cpu"), d, vocab)  # what the build's `--dtype auto` picks
     h = Head.from_weight(head, dtype)
-    block, chunk = min(n, PRODUCT_BLOCK), CPU_CHUNK[dtype]  # the build's shapes
+    step, (block, chunk) = min(n, PRODUCT_BLOCK), build[dtype]  # neurons per project_block; per product
 
     def ours(part: torch.Tensor) -> None:
-        [project_block(part[s:s + block], h, args.k) for s in range(0, len(part), block)]
+        [project_block(part[s:s + step], h, args.k) for s in range(0, len(part), step)]
 
     def product(part: torch.Tensor) -> None:
         bare_product(h.fast.weight, part, dtype, block, chunk)()  # the head converted once, as the build does

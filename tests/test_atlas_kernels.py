@@ -44,14 +44,22 @@ def test_scan_keeps_the_c_largest_and_smallest_values_lower_ids_first_on_ties(ch
         assert np.array_equal(values, np.take_along_axis(x, order, 1))
 
 
-def test_scan_and_topk_candidates_agree_in_fp32_and_bf16():
+@pytest.mark.parametrize("rows_per_product", [None, 7])
+def test_scan_and_topk_candidates_agree_in_fp32_and_bf16(rows_per_product, monkeypatch):
     g = torch.Generator().manual_seed(1)
     head, vectors = torch.randn(2500, 64, generator=g), torch.randn(30, 64, generator=g)
     head[1000:1010] = head[5]  # duplicated rows tie exactly
+    rows = rows_per_product or len(vectors)
+    if rows_per_product:  # the scan multiplies 7 neurons at a time: 30 rows in 5 products per chunk
+        monkeypatch.setattr(certified, "SETS_BYTES", rows_per_product * 2 * 64 * 12)
+        assert certified.scan_rows(64) == rows_per_product
     for dtype in (torch.float32, torch.bfloat16):
         fast = FastHead.from_weight(head, dtype)
         v = vectors.to(dtype)
-        scan, topk = certified.scan_candidates(v, fast, 40, 300), certified.topk_candidates(v, fast, 40, 300)
+        scan = certified.scan_candidates(v, fast, 40, 300)
+        # the same products (an fp32 product's sums depend on its number of rows), by topk
+        topk = [torch.cat(side) for side in zip(*(certified.topk_candidates(v[b:b + rows], fast, 40, 300)
+                                                  for b in range(0, len(v), rows)))]
         assert torch.equal(scan[0], topk[0]) and torch.equal(scan[2], topk[2])  # values; tied ids may differ
         for values, ids in ((scan[0], scan[1]), (-scan[2], scan[3])):
             exact = (v.float() @ fast.weight.float().T).gather(1, ids)

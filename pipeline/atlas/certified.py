@@ -41,6 +41,7 @@ from pipeline.atlas import kernels
 U_BF16 = 2.0 ** -8
 U_FP32 = 2.0 ** -24
 RESCORE_BYTES = 1 << 28  # float64 head rows gathered at a time by `bmm_rescore`
+SETS_BYTES = 384 << 10  # the scan's running sets of one product's neurons: within a core's L2, with room
 FLOOR_ABOVE = 8  # a scan starts where a normal row has 8·c values above (SmolLM2: 11 of 138,240 rows fall short)
 
 
@@ -156,12 +157,13 @@ def topk_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int) -> tupl
 
 def scan_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int, floors: Floors | None = None
                     ) -> tuple[torch.Tensor, ...]:
-    """`candidates` by the compiled scan (kernels.py) over each chunk while it is in cache: the CPU.
+    """`candidates` by the compiled scan (kernels.py) over each product's logits while they are in cache: the CPU.
 
     A set starts as `width` placeholders (id −1) at its row's floor (−inf without one), which only values
     above it replace. A set is the `width` best of its row's values above the floor and the
     placeholders, so if at least c real ids are left in it, they are the row's exact top c; rows with
-    fewer are scanned again from −inf.
+    fewer are scanned again from −inf. Each chunk of the head is multiplied by `scan_rows` neurons at a
+    time, so their sets stay in the core's cache while the long rows of logits stream past them.
     """
     n = v.shape[0]
     width = -(-c // kernels.BLOCK) * kernels.BLOCK  # the scan's sets hold a multiple of its block: a few more
@@ -169,12 +171,15 @@ def scan_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int, floors:
     sets = [start.top[:, None].expand(n, width).float().contiguous(), torch.full((n, width), -1),
             start.bottom[:, None].expand(n, width).float().contiguous(), torch.full((n, width), -1)]
     state = [t.numpy() for t in sets]  # top values, ids; negated bottom values, ids
-    out = torch.empty(n, chunk, dtype=fast.dtype)  # one chunk of logits, reused
+    block = scan_rows(width)
+    buffer = torch.empty(min(n, block) * min(chunk, len(fast.weight)), dtype=fast.dtype)  # one product's logits
     for i, rows in enumerate(fast.weight.split(chunk)):
-        if len(rows) < chunk:  # the last, ragged chunk
-            out = out[:, :len(rows)]
-        torch.matmul(v, rows.to(v.dtype).T, out=out)
-        kernels.scan_chunk(_numpy(out), i * chunk, *state)
+        rows = rows.to(v.dtype)
+        for b in range(0, n, block):
+            part = v[b:b + block]
+            out = buffer[:len(part) * len(rows)].view(len(part), len(rows))
+            torch.matmul(part, rows.T, out=out)
+            kernels.scan_chunk(_numpy(out), i * chunk, *(s[b:b + block] for s in state))
     kernels.sort_rows(*state[:2])
     kernels.sort_rows(*state[2:])
     found = tuple(t[:, :c] for t in sets)
@@ -184,6 +189,12 @@ def scan_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int, floors:
             for kept, again in zip(found, scan_candidates(v[short], fast, c, chunk)):
                 kept[short] = again
     return found
+
+
+def scan_rows(width: int) -> int:
+    """Neurons per product of the scan: as many as keep their running sets of `width` (fp32 values and
+    int64 ids, both sides) within SETS_BYTES."""
+    return max(1, SETS_BYTES // (2 * width * 12))
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

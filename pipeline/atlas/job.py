@@ -209,7 +209,7 @@ class AtlasJob:
         return Head.from_rows(read, self.vocab, getattr(torch, self.dtype))
 
     def _project(self, vectors: torch.Tensor, norms: torch.Tensor, head: Head) -> list[Projection]:
-        """Project up to PRODUCT_BLOCK neurons at a time (larger products run faster, and the few rows
+        """Project up to PRODUCT_BLOCK neurons at a time (one product each on a GPU, and the few rows
         the first candidates cannot settle are settled together), kept as blocks of `block_size`; `norm`
         reports the stored weight vector's length, whatever was folded in."""
         bs = self.cfg.block_size

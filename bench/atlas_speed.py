@@ -26,9 +26,9 @@ import torch
 from fresh_build import fresh_build
 
 from pipeline.arch import ArchAdapter
-from pipeline.atlas.lanes import lane_pool
 from pipeline.atlas import certified
 from pipeline.atlas.certified import fastest_dtype
+from pipeline.atlas.lanes import lane_pool
 from pipeline.atlas.project import PRODUCT_BLOCK, Head, candidate_count, cpu_chunk, project_block
 from pipeline.sources import open_source, resolve
 from pipeline.sources.embedded import DEFAULT_MODEL

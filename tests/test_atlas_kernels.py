@@ -105,3 +105,5 @@ def test_rescore_is_the_float64_dot_product_rounded_once():
     holes[:, 5::3] = -1  # placeholders: nothing to score there, the rest unchanged
     partial = certified.rescore(vectors, head, holes)
     assert torch.equal(partial[holes >= 0], ours[holes >= 0]) and bool((partial[holes < 0] == 0).all())
+    with pytest.raises(ValueError, match="beyond the head"):
+        certified.rescore(vectors, head, ids + 3000)

@@ -20,10 +20,12 @@ the bf16 product itself.
 
 `rescore` sums each neuron's dot product with its candidate rows in float64, in one fixed order (eight
 interleaved partial sums, a vector of doubles, then combined pairwise): the products of two fp32 values
-are exact in float64, so the result depends on nothing but the inputs, whatever the machine. The row
-needed AHEAD dot products later is prefetched while one is summed, since the rows lie scattered over
-the head: 74 ns per dot product with 8 ahead, 141 with 1 (random rows of a 49,152 × 576 head, as
-SmolLM2's; one core of an AVX-512 EPYC).
+are exact in float64, so the result depends on nothing but the inputs, whatever the machine. The pairs
+are taken in order of token id (a counting sort), so a row that several neurons' candidates share is
+read once and the reads ascend through the head, and the row needed AHEAD dot products later is
+prefetched while one is summed: 74 ns per dot product with 8 ahead, 141 with 1 (random rows of a
+49,152 × 576 head, as SmolLM2's; one core of an AVX-512 EPYC). A Gemma 3 partition's candidates
+(128,000 pairs over 87,000 distinct rows of its fp32 head) took 31.5 ms in row order, 24.7 by id.
 """
 from __future__ import annotations
 
@@ -244,18 +246,39 @@ def _dot_float64(typingctx, v, h, ahead):
 @numba.njit(nogil=True, cache=True)
 def rescore(vectors, weight, ids, out):
     """`out[r, j]` = vectors[r] · weight[ids[r, j]], summed in float64 in a fixed order, stored in fp32;
-    0 where the id is negative (nothing to score). `weight` is fp32, or bf16 held as uint16."""
-    n, m = ids.shape
+    0 where the id is negative (nothing to score). `weight` is fp32, or bf16 held as uint16. Pairs are
+    scored in order of id: a head row several neurons share is read once, and the reads ascend."""
+    m = ids.shape[1]
     if vectors.strides[1] != vectors.itemsize or weight.strides[1] != weight.itemsize:
         raise ValueError("rescore needs rows of adjacent values")
-    for r in range(n):
-        for j in range(m):
-            if ids[r, j] < 0:
-                out[r, j] = 0
-                continue
-            ahead = min(r * m + j + AHEAD, n * m - 1)  # the pair AHEAD places on, in row-major order
-            following = ids[ahead // m, ahead % m]
-            out[r, j] = np.float32(_dot_float64(vectors[r], weight[ids[r, j]], weight[max(following, 0)]))
+    flat, scores = ids.reshape(-1), out.reshape(-1)
+    scores[:] = 0
+    order = _order_by_id(flat, weight.shape[0])
+    last = len(order) - 1
+    for q in range(len(order)):
+        pair = order[q]
+        following = flat[order[min(q + AHEAD, last)]]
+        scores[pair] = np.float32(_dot_float64(vectors[pair // m], weight[flat[pair]], weight[following]))
+
+
+@numba.njit(nogil=True, cache=True)
+def _order_by_id(ids, vocab):
+    """Positions of the non-negative entries of `ids`, ordered by id (a counting sort: linear, stable)."""
+    start = np.zeros(vocab + 1, np.int64)
+    for t in ids:
+        if t >= vocab:
+            raise ValueError("rescore got a token id beyond the head")
+        if t >= 0:
+            start[t + 1] += 1
+    for t in range(vocab):
+        start[t + 1] += start[t]
+    order = np.empty(start[vocab], np.int64)
+    for p in range(len(ids)):
+        t = ids[p]
+        if t >= 0:
+            order[start[t]] = p
+            start[t] += 1
+    return order
 
 
 def warm_up() -> None:
@@ -265,5 +288,5 @@ def warm_up() -> None:
     for logits in (np.zeros((1, BLOCK), np.float32), np.zeros((1, BLOCK), np.uint16)):  # fp32 and bf16
         scan_chunk(logits, 0, values, ids, values.copy(), ids.copy())
     sort_rows(values, ids)
-    for head in (values, np.zeros((1, BLOCK), np.uint16)):  # an fp32 head, a bf16 one
-        rescore(values, head, ids, values)
+    for head in (np.zeros((BLOCK, BLOCK), np.float32), np.zeros((BLOCK, BLOCK), np.uint16)):  # fp32, bf16
+        rescore(np.zeros((1, BLOCK), np.float32), head, ids, values)  # the scan left ids 0…BLOCK−1

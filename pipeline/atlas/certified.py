@@ -166,7 +166,7 @@ def scan_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int, floors:
     time, so their sets stay in the core's cache while the long rows of logits stream past them.
     """
     n = v.shape[0]
-    width = -(-c // kernels.BLOCK) * kernels.BLOCK  # the scan's sets hold a multiple of its block: a few more
+    width = kernels.set_width(c)  # a few more than c
     start = floors or Floors(torch.full((n,), -torch.inf), torch.full((n,), -torch.inf))
     sets = [start.top[:, None].expand(n, width).float().contiguous(), torch.full((n, width), -1),
             start.bottom[:, None].expand(n, width).float().contiguous(), torch.full((n, width), -1)]

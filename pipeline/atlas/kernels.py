@@ -281,6 +281,11 @@ def _order_by_id(ids, vocab):
     return order
 
 
+def set_width(c: int) -> int:
+    """Slots of a running set that keeps c values: c raised to a multiple of BLOCK, the scan's vector."""
+    return -(-c // BLOCK) * BLOCK
+
+
 def warm_up() -> None:
     """Load the compiled kernels: numba's first call in a process sets up its compiler (about 0.3 s),
     better spent beside the head's preparation than holding up the lanes."""

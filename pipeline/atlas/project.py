@@ -153,7 +153,7 @@ def candidate_count(k: int, vocab: int, dtype: torch.dtype, candidates: int | No
     """Candidates per side of the first pass: `candidates` or k + EXTRA_CANDIDATES, raised to a multiple
     of the scan's block (it keeps that many anyway)."""
     c = candidates or k + EXTRA_CANDIDATES[dtype]
-    return max(k, min(vocab, -(-c // kernels.BLOCK) * kernels.BLOCK))
+    return max(k, min(vocab, kernels.set_width(c)))
 
 
 def cpu_chunk(d: int, dtype: torch.dtype) -> int:

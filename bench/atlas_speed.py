@@ -135,7 +135,7 @@ def main() -> None:
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
 
     # the build's own shapes in either dtype: neurons per product (the scan's), head rows per chunk
-    build = {dt: (min(n, certified.scan_rows(candidate_count(args.k, vocab, dt))), cpu_chunk(d, dt))
+    build = {dt: (certified.scan_rows(candidate_count(args.k, vocab, dt), n), cpu_chunk(d, dt))
              for dt in (torch.float32, torch.bfloat16)}
     blocks = sorted({*ROOF_BLOCKS, min(n, PRODUCT_BLOCK), *(b for b, _ in build.values())})
     chunks = sorted({*ROOF_CHUNKS, *(c for _, c in build.values())})

@@ -7,7 +7,7 @@ import torch
 
 from pipeline.atlas import certified, project
 from pipeline.atlas.certified import FastHead
-from pipeline.atlas.project import Head, fold_gain, project_block, z_scores
+from pipeline.atlas.project import Head, fold_gain, project_block, project_blocks, z_scores
 
 
 def reference(vectors: torch.Tensor, head: torch.Tensor, k: int):
@@ -43,6 +43,28 @@ def test_top_and_bottom_ids_match_brute_force_whatever_the_chunking(head_with_ti
     np.testing.assert_allclose(p.bottom_logits.numpy(), np.take_along_axis(logits, bottom, 1), rtol=1e-5, atol=1e-5)
     assert p.top_ids[5].tolist() == list(range(12))  # all tied: lowest ids first
     assert p.top_ids[9, :5].tolist() == [3, 7, 10, 2500, 2999]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_whose_floor_is_too_high_ride_along_the_next_blocks_scan(monkeypatch, dtype):
+    """A neuron whose logits are far from normal leaves fewer than c above its floor; such rows are scanned
+    again from −inf with the next block's rows (no pass of their own), the last block's alone, and every
+    block comes out exact."""
+    g = torch.Generator().manual_seed(9)
+    head = torch.randn(3000, 48, generator=g)
+    head[50:, :2] = 0  # along the first two coordinates only 50 of 3,000 rows are non-zero
+    blocks = [torch.randn(40, 48, generator=g) for _ in range(3)]
+    for vectors in blocks:
+        vectors[::5, 2:] = 0  # every fifth neuron reads those coordinates only: 2,950 of its logits are 0
+    fitted = Head.from_weight(head, dtype)
+    scanned, candidates = [], certified.candidates
+    monkeypatch.setattr(certified, "candidates", lambda v, fast, *a: (
+        scanned.append(len(v)) if fast is fitted.fast else None) or candidates(v, fast, *a))
+    for vectors, p in zip(blocks, project_blocks(iter(blocks), fitted, k=12), strict=True):
+        logits, top, bottom = reference(vectors, head, 12)
+        assert np.array_equal(p.top_ids.numpy(), top) and np.array_equal(p.bottom_ids.numpy(), bottom)
+        np.testing.assert_array_equal(p.top_logits.numpy(), np.take_along_axis(logits, top, 1).astype(np.float32))
+    assert scanned == [40, 48, 48, 8]  # 8 short rows a block: with the next block's 40, the last block's alone
 
 
 def test_statistics_equal_the_full_logit_vector(head_with_ties):

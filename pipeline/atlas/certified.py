@@ -120,8 +120,9 @@ def candidates(vectors: torch.Tensor, fast: FastHead, c: int, chunk: int, floors
     """Approximate top-c and bottom-c (values sorted descending, ids) over the vocabulary, a chunk at a time.
 
     The bottom side comes back negated (the top of −logits), so both sides read the same way. The CPU
-    folds each chunk into running candidates with a compiled scan, starting from `floors` where given;
-    accelerators run `topk` fast.
+    folds each chunk into running candidates with a compiled scan, starting from `floors` where given
+    (rows that fewer than c values pass are left with placeholders: `short_rows`); accelerators run
+    `topk` fast.
     """
     c = min(c, fast.weight.shape[0])
     if vectors.device.type != "cpu":
@@ -132,7 +133,7 @@ def candidates(vectors: torch.Tensor, fast: FastHead, c: int, chunk: int, floors
 def scan_floors(mean: torch.Tensor, std: torch.Tensor, c: int, vocab: int) -> Floors | None:
     """Per row, the value that FLOOR_ABOVE·c logits would exceed on each side were they normal: a first bound
     for the scan, which otherwise admits hundreds of values per row while its own bound climbs. Only a
-    guess: rows that fewer than c logits pass are scanned again without it (`scan_candidates`)."""
+    guess: rows that fewer than c logits pass must be scanned again without it (`short_rows`)."""
     tail = FLOOR_ABOVE * c / vocab
     if tail >= 0.5:
         return None
@@ -162,8 +163,9 @@ def scan_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int, floors:
     A set starts as `width` placeholders (id −1) at its row's floor (−inf without one), which only values
     above it replace. A set is the `width` best of its row's values above the floor and the
     placeholders, so if at least c real ids are left in it, they are the row's exact top c; rows with
-    fewer are scanned again from −inf. Each chunk of the head is multiplied by `scan_rows` neurons at a
-    time, so their sets stay in the core's cache while the long rows of logits stream past them.
+    fewer (`short_rows`) must be scanned again from −inf. Each chunk of the head is multiplied by at most
+    `scan_rows` neurons at a time, so their sets stay in the core's cache while the long rows of logits
+    stream past them.
     """
     n = v.shape[0]
     width = kernels.set_width(c)  # a few more than c
@@ -171,7 +173,7 @@ def scan_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int, floors:
     sets = [start.top[:, None].expand(n, width).float().contiguous(), torch.full((n, width), -1),
             start.bottom[:, None].expand(n, width).float().contiguous(), torch.full((n, width), -1)]
     state = [t.numpy() for t in sets]  # top values, ids; negated bottom values, ids
-    block = scan_rows(width)
+    block = scan_rows(width, n)
     buffer = torch.empty(min(n, block) * min(chunk, len(fast.weight)), dtype=fast.dtype)  # one product's logits
     for i, rows in enumerate(fast.weight.split(chunk)):
         rows = rows.to(v.dtype)
@@ -182,19 +184,21 @@ def scan_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int, floors:
             kernels.scan_chunk(_numpy(out), i * chunk, *(s[b:b + block] for s in state))
     kernels.sort_rows(*state[:2])
     kernels.sort_rows(*state[2:])
-    found = tuple(t[:, :c] for t in sets)
-    if floors is not None:
-        short = ((found[1][:, -1] < 0) | (found[3][:, -1] < 0)).nonzero().squeeze(1)
-        if len(short):
-            for kept, again in zip(found, scan_candidates(v[short], fast, c, chunk)):
-                kept[short] = again
-    return found
+    return tuple(t[:, :c] for t in sets)
 
 
-def scan_rows(width: int) -> int:
-    """Neurons per product of the scan: as many as keep their running sets of `width` (fp32 values and
-    int64 ids, both sides) within SETS_BYTES."""
-    return max(1, SETS_BYTES // (2 * width * 12))
+def short_rows(found: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Rows of `candidates` whose floor held fewer than c values on either side: a placeholder (id −1) is
+    left among their c, and they must be scanned again from −inf."""
+    return ((found[1][:, -1] < 0) | (found[3][:, -1] < 0)).nonzero().squeeze(1)
+
+
+def scan_rows(width: int, n: int) -> int:
+    """Neurons per product of the scan of n: products of equal size (no small one for the last rows),
+    each with at most as many neurons as keep their running sets of `width` (fp32 values and int64 ids,
+    both sides) within SETS_BYTES."""
+    most = max(1, SETS_BYTES // (2 * width * 12))
+    return -(-n // -(-n // most)) if n else 1
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

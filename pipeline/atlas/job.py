@@ -13,7 +13,10 @@ import json
 import os
 import resource
 import sys
+import threading
 import time
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -30,8 +33,8 @@ from pipeline.arch import ArchAdapter
 from pipeline.atlas import kernels, schema
 from pipeline.atlas.certified import exact_matmul, fastest_dtype
 from pipeline.atlas.engines import run_engine
-from pipeline.atlas.lanes import lane_pool, lane_shape, to_device
-from pipeline.atlas.project import PRODUCT_BLOCK, Head, Projection, fold_gain, project_block
+from pipeline.atlas.lanes import Feed, lane_pool, lane_shape, to_device
+from pipeline.atlas.project import PRODUCT_BLOCK, Head, Projection, fold_gain, project_blocks
 from pipeline.config import AtlasConfig
 from pipeline.device import torch_device
 from pipeline.errors import AtlasError
@@ -85,9 +88,11 @@ class AtlasJob:
         self.matrices = self._check_matrices(cfg.matrices)
         self.device = torch_device(cfg.device)
         self.vocab, self.d_model = self.adapter.head_shape()
-        self.tokens = fit_tokens(self.source.token_table(), self.vocab)
+        with ThreadPoolExecutor(1, "atlas-sha256") as side:  # hashlib releases the GIL: hashed while tokens are read
+            digest = side.submit(source_sha256, self.source, cfg.out / ".state" / "sha256.json")
+            self.tokens = fit_tokens(self.source.token_table(), self.vocab)
         self.state = cfg.out / ".state" / "atlas" / self.model
-        self.sha256 = source_sha256(self.source, cfg.out / ".state" / "sha256.json")
+        self.sha256 = digest.result()
 
     def _check_layers(self, layers: tuple[int, ...] | None) -> tuple[int, ...]:
         n = self.adapter.n_layers
@@ -208,18 +213,6 @@ class AtlasJob:
 
         return Head.from_rows(read, self.vocab, getattr(torch, self.dtype))
 
-    def _project(self, vectors: torch.Tensor, norms: torch.Tensor, head: Head) -> list[Projection]:
-        """Project up to PRODUCT_BLOCK neurons at a time (one product each on a GPU, and the few rows
-        the first candidates cannot settle are settled together), kept as blocks of `block_size`; `norm`
-        reports the stored weight vector's length, whatever was folded in."""
-        bs = self.cfg.block_size
-        step = bs * max(1, PRODUCT_BLOCK // bs)
-        out = []
-        for start in range(0, vectors.shape[0], step):
-            p = replace(project_block(vectors[start:start + step], head, self.cfg.k), norm=norms[start:start + step])
-            out += p.cpu().split(bs)
-        return out
-
     def _write(self, part: Partition, blocks: list[Projection], texts: pa.Array) -> None:
         meta = {**self.provenance(), "matrix": part.matrix, "layer": part.layer}
         out, model = self.cfg.out, self.model
@@ -245,7 +238,7 @@ class AtlasJob:
             run_engine(self.cfg, todo, bar.update)
 
     def execute(self, todo: list[Partition], progress: bool) -> None:
-        """Project and write `todo` here, a partition per lane at a time; the shard function of every engine.
+        """Project and write `todo` here, lanes taking partitions in turn; the shard function of every engine.
 
         Reads and writes overlap other lanes' computing (lanes.py).
         """
@@ -256,20 +249,45 @@ class AtlasJob:
                     side.submit(kernels.warm_up)
                 head = self._head()  # with every core, before the lanes take one each
             texts = pa.array(self.tokens.text, pa.string())
+            feed = Feed(todo)
             with tqdm(total=len(todo), desc=f"atlas {self.model}", unit="part", file=sys.stderr,
                       disable=None if progress else True) as bar, lane_pool(lanes, per_lane, self.device) as pool:
-                futures = [pool.submit(self._build_partition, part, head, texts) for part in todo]
-                try:
-                    for done in as_completed(futures):
-                        done.result()
+                counted = threading.Lock()
+
+                def done() -> None:
+                    with counted:
                         bar.update()
+
+                futures = [pool.submit(self._run_lane, feed, head, texts, done) for _ in range(lanes)]
+                try:
+                    for finished in as_completed(futures):
+                        finished.result()
                 except BaseException:
-                    pool.shutdown(cancel_futures=True)  # partitions already running finish and are kept
+                    feed.stop()  # partitions already taken finish and are kept
                     raise
 
-    def _build_partition(self, part: Partition, head: Head, texts: pa.Array) -> None:
-        vectors, norms = self._load(part)
-        self._write(part, self._project(vectors, norms, head), texts)
+    def _run_lane(self, parts: Feed, head: Head, texts: pa.Array, done: Callable[[], None]) -> None:
+        """Build partitions taken from `parts` until none is left, their blocks of up to PRODUCT_BLOCK
+        neurons in one `project_blocks` stream: a partition is written once the next block is scanned."""
+        bs = self.cfg.block_size
+        step = bs * max(1, PRODUCT_BLOCK // bs)
+        taken: deque[list] = deque()  # [partition, norms, projected row groups, rows projected], in order
+
+        def blocks() -> Iterator[torch.Tensor]:
+            for part in parts:
+                vectors, norms = self._load(part)
+                taken.append([part, norms, [], 0])
+                yield from vectors.split(step)
+
+        for projection in project_blocks(blocks(), head, self.cfg.k):
+            held = taken[0]
+            part, norms, projected, first = held
+            held[3] = last = first + len(projection.mean)
+            projected += replace(projection, norm=norms[first:last]).cpu().split(bs)  # the stored vector's norm
+            if last == len(norms):
+                taken.popleft()
+                self._write(part, projected, texts)
+                done()
 
 
 def peak_rss_bytes() -> int:

@@ -5,18 +5,21 @@ and work in place on numpy views of torch tensors.
 
 `scan_chunk` keeps, per row, the c largest values seen so far and the c largest negated values (the
 bottom side), each as an unsorted set whose worst member is the bound a new value must beat. It reads
-a chunk of logits 32 values at a time, as one vector compared with each bound (`_above`, `_below`:
-vector compares and a bit mask), and visits only the values whose bit is set; after the first chunks few
-are (a new value enters the top c of t values seen with chance c/t). A set that starts at a floor
+a chunk of logits a span at a time (64 bf16 values, 32 fp32 ones), as one vector compared with each
+bound (vector compares and a bit mask), and visits only the values whose bit is set; after the first
+chunks few are (a new value enters the top c of t values seen with chance c/t). bf16 logits are read as
+they are, their uint16 bit patterns, with no fp32 copy of the chunk, and compared as the integers those
+bits spell (`_above_positive`, `_below_negative`: exact for bounds of the usual sign, a positive top
+bound and a negative bottom one; the others compare as floats). A set that starts at a floor
 (certified.scan_floors) holds placeholders (id −1), which admitted values fill front to back with the
 bound unchanged; once full, an admitted value replaces the worst member in place (`_admit`: a vector
 minimum over the set, no sorted list to shift, about 23 ns). `sort_rows` orders the sets once at the
-end. bf16 logits are read as they are (their uint16 bit patterns, widened in the vector), with no fp32
-copy of the chunk. Measured on an AVX2 EPYC, one core, fp32 SmolLM2 logits, c = 28: 0.6–0.7 ns per logit
-from sets of −inf, of which the compares take 0.2, 0.45–0.55 from floors (a sorted insertion list took
-1.1–1.4 ns, `torch.topk` on both sides several); on an AVX-512 EPYC, bf16 logits, c = 64: compares
-0.06–0.1 ns per logit, the scan from floors 0.2 (Gemma 3) to 0.4 (SmolLM2), against 2.3–2.6 ns for
-the bf16 product itself.
+end. Measured on an AVX2 EPYC, one core, fp32 SmolLM2 logits, c = 28: 0.6–0.7 ns per logit from sets of
+−inf, of which the compares take 0.2, 0.45–0.55 from floors (a sorted insertion list took 1.1–1.4 ns,
+`torch.topk` on both sides several); on an AVX-512 EPYC, bf16 logits, c = 64: compares 0.06–0.1 ns per
+logit, the scan from floors 0.2 (Gemma 3) to 0.4 (SmolLM2), against 2.3–2.6 ns for the bf16 product
+itself. Comparing bf16 bits 64 at a time instead of fp32 values 32 at a time took the scan of Gemma 3's
+logits from floors, in cache after each product, from 30 to 25 ms per 1,024 rows (one core, AVX-512).
 
 `rescore` sums each neuron's dot product with its candidate rows in float64, in one fixed order (eight
 interleaved partial sums, a vector of doubles, then combined pairwise): the products of two fp32 values
@@ -38,7 +41,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-BLOCK = 32  # values per vector compare; a running set's size is a multiple of it
+BLOCK = 32  # values per vector compare of a running set, whose size is a multiple of it
 LANES = 8  # partial sums per dot product in `rescore`, a vector of doubles
 AHEAD = 8  # `rescore` prefetches the head row it will need this many dot products later
 _FAST = {"nnan", "nsz"}  # logits are never NaN; ±0 compare equal anyway
@@ -56,9 +59,9 @@ def _float32s(builder, data, array_type, start, lanes: int) -> ir.Value:
     return builder.bitcast(builder.shl(builder.zext(halves, shaped(ir.IntType(32))), sixteen), shaped(ir.FloatType()))
 
 
-def _block(context, builder, array_type, array, start) -> ir.Value:
-    """The BLOCK values of a 1-D array from `start`, as float32."""
-    return _float32s(builder, context.make_array(array_type)(context, builder, array).data, array_type, start, BLOCK)
+def _block(context, builder, array_type, array, start, lanes: int = BLOCK) -> ir.Value:
+    """`lanes` values of a 1-D array from `start`, as float32."""
+    return _float32s(builder, context.make_array(array_type)(context, builder, array).data, array_type, start, lanes)
 
 
 @intrinsic
@@ -70,22 +73,83 @@ def _at(typingctx, row, index):
     return types.float32(row, index), codegen
 
 
-def _compare(op: str):
-    """An intrinsic: the bit mask of `row[start:start + BLOCK] op bound` (bit i for row[start + i])."""
+def _span(array_type) -> int:
+    """Logits per step of the scan: 64 bf16 values (128 bytes, one 64-bit mask per side), 32 fp32 ones
+    (64 fp32 values a step were no faster)."""
+    return 64 if array_type.dtype == types.uint16 else 32
+
+
+@intrinsic
+def _step(typingctx, logits):
+    """`_span` of the logits' type, a constant."""
+    def codegen(context, builder, signature, args):
+        return ir.Constant(ir.IntType(64), _span(signature.args[0]))
+    return types.int64(logits), codegen
+
+
+@intrinsic
+def _holds_bf16(typingctx, logits):
+    """Whether the logits are bf16 (held as uint16), a constant."""
+    def codegen(context, builder, signature, args):
+        return ir.Constant(ir.IntType(1), signature.args[0].dtype == types.uint16)
+    return types.boolean(logits), codegen
+
+
+def _compare(op: str, lanes=lambda array_type: BLOCK):
+    """An intrinsic: the bit mask of `row[start:start + n] op bound` (bit i for row[start + i]), n =
+    `lanes(row's type)`."""
     @intrinsic
     def compare(typingctx, row, start, bound):
         def codegen(context, builder, signature, args):
-            values = _block(context, builder, signature.args[0], args[0], args[1])
+            n = lanes(signature.args[0])
+            values = _block(context, builder, signature.args[0], args[0], args[1], n)
             bound = builder.insert_element(ir.Constant(values.type, ir.Undefined), args[2],
                                            ir.Constant(ir.IntType(32), 0))
-            splat = builder.shuffle_vector(bound, bound, ir.Constant(ir.VectorType(ir.IntType(32), BLOCK), [0] * BLOCK))
-            return builder.zext(builder.bitcast(builder.fcmp_ordered(op, values, splat), ir.IntType(BLOCK)),
+            splat = builder.shuffle_vector(bound, bound, ir.Constant(ir.VectorType(ir.IntType(32), n), [0] * n))
+            return builder.zext(builder.bitcast(builder.fcmp_ordered(op, values, splat), ir.IntType(n)),
                                 ir.IntType(64))
         return types.uint64(row, start, types.float32), codegen
     return compare
 
 
-_above, _below, _equal = _compare(">"), _compare("<"), _compare("==")
+_above, _below, _equal = _compare(">", _span), _compare("<", _span), _compare("==")
+
+
+@intrinsic
+def _bits(typingctx, row, bound):
+    """`bound` as the bit pattern of the row's element type, sign-extended to int64: its fp32 bits, or for
+    bf16 their high half (the value truncated toward zero)."""
+    def codegen(context, builder, signature, args):
+        bits = builder.bitcast(args[1], ir.IntType(32))
+        if signature.args[0].dtype == types.uint16:
+            bits = builder.trunc(builder.lshr(bits, ir.Constant(ir.IntType(32), 16)), ir.IntType(16))
+        return builder.sext(bits, ir.IntType(64))
+    return types.int64(row, types.float32), codegen
+
+
+def _compare_bits(signed: bool):
+    """An intrinsic: the bit mask of `row[start:start + _span] > key`, comparing the values' bit patterns
+    as integers of their width with `key` = `_bits(bound)`. Signed, that is `values > bound` for a bound
+    whose sign bit is clear; unsigned, `values < bound` for one whose sign bit is set (bf16: rounding the
+    bound toward zero changes neither). Right for fp32 rows too, but the scan compares those as floats,
+    as fast; bf16 values need no conversion, and one compare covers 32 of them."""
+    @intrinsic
+    def compare(typingctx, row, start, key):
+        def codegen(context, builder, signature, args):
+            width, n = (16 if signature.args[0].dtype == types.uint16 else 32), _span(signature.args[0])
+            vector = ir.VectorType(ir.IntType(width), n)
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            values = builder.load(builder.bitcast(builder.gep(data, [args[1]]), vector.as_pointer()), align=width // 8)
+            key = builder.insert_element(ir.Constant(vector, ir.Undefined), builder.trunc(args[2], ir.IntType(width)),
+                                         ir.Constant(ir.IntType(32), 0))
+            splat = builder.shuffle_vector(key, key, ir.Constant(ir.VectorType(ir.IntType(32), n), [0] * n))
+            greater = builder.icmp_signed if signed else builder.icmp_unsigned
+            return builder.zext(builder.bitcast(greater(">", values, splat), ir.IntType(n)), ir.IntType(64))
+        return types.uint64(row, start, types.int64), codegen
+    return compare
+
+
+_above_positive, _below_negative = _compare_bits(signed=True), _compare_bits(signed=False)
 
 
 @intrinsic
@@ -145,15 +209,18 @@ def scan_chunk(logits, offset, top_values, top_ids, bottom_values, bottom_ids):
         and bottom_values.strides[1] == bottom_values.itemsize
     if not adjacent or top_values.shape[1] % BLOCK or bottom_values.shape[1] % BLOCK:
         raise ValueError("scan_chunk needs rows of adjacent values and sets of a multiple of 32")
-    full, width = m - m % BLOCK, top_values.shape[1]
+    span, bf16 = _step(logits), _holds_bf16(logits)
+    full, width = m - m % span, top_values.shape[1]
     for r in range(n):
         row = logits[r]
         tv, ti, bv, bi = top_values[r], top_ids[r], bottom_values[r], bottom_ids[r]
         high, low = _worst(tv), -_worst(bv)
+        high_bits, low_bits = _bits(row, high), _bits(row, low)
         tn, bn = _filled(ti), _filled(bi)
-        for start in range(0, m, BLOCK):
-            if start < full:
-                up, down = _above(row, start, high), _below(row, start, low)
+        for start in range(0, m, span):
+            if start < full:  # on bit patterns where the bound's sign allows (nearly always), else as floats
+                up = _above_positive(row, start, high_bits) if bf16 and high_bits >= 0 else _above(row, start, high)
+                down = _below_negative(row, start, low_bits) if bf16 and low_bits < 0 else _below(row, start, low)
             else:  # the ragged tail: every value is a candidate, checked below
                 up = down = (np.uint64(1) << np.uint64(m - start)) - np.uint64(1)
             while up:
@@ -165,8 +232,10 @@ def scan_chunk(logits, offset, top_values, top_ids, bottom_values, bottom_ids):
                     tn += 1
                     if tn == width:
                         high = _worst(tv)
+                        high_bits = _bits(row, high)
                 elif x > high:
                     high = _admit(tv, ti, high, x, offset + j)
+                    high_bits = _bits(row, high)
             while down:
                 j = start + np.int64(_lowest_bit(down))
                 down &= down - np.uint64(1)
@@ -176,8 +245,10 @@ def scan_chunk(logits, offset, top_values, top_ids, bottom_values, bottom_ids):
                     bn += 1
                     if bn == width:
                         low = -_worst(bv)
+                        low_bits = _bits(row, low)
                 elif x > -low:
                     low = -_admit(bv, bi, -low, x, offset + j)
+                    low_bits = _bits(row, low)
 
 
 @numba.njit(nogil=True, cache=True, inline="always")

@@ -1,19 +1,40 @@
 """Where a build's partitions run: lanes, threads that each take one partition at a time.
 
-On the CPU a lane is one core running single-threaded products and scans, so no core waits for another.
+A lane takes partitions from a shared `Feed` until none is left. On the CPU a lane is one core running
+single-threaded products and scans, so no core waits for another.
 On a CUDA device a lane is a thread with every CPU thread for reading and its own CUDA stream, so one
 lane's host→device copy and another's reading or Parquet writing overlap the device's computing; copies
 go through pinned (page-locked) host memory, which the device reads asynchronously.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
 
 ACCELERATOR_LANES = 3  # one reading, one computing, one writing
+
+
+class Feed:
+    """Items handed to the lanes one at a time, in order, from any thread; after `stop` none."""
+
+    def __init__(self, items: Iterable) -> None:
+        self._items, self._lock, self._stopped = iter(items), threading.Lock(), False
+
+    def __iter__(self) -> Feed:
+        return self
+
+    def __next__(self):
+        with self._lock:
+            if self._stopped:
+                raise StopIteration
+            return next(self._items)
+
+    def stop(self) -> None:
+        self._stopped = True
 
 
 def lane_shape(device: torch.device) -> tuple[int, int]:

@@ -5,7 +5,8 @@ Parquet file, each written under a temporary name and renamed when complete. A c
 `<out>/.state/atlas/<model>/` records the partition and the settings it was built with; a rerun skips
 marked partitions, so a run killed at any moment resumes to the same atlas. One file lock per model
 keeps two builds from writing the same atlas at once. Memory holds the LM head and, per lane, the
-partition being read, projected and written.
+partition being read and projected and the one before it, which is written once the next one's scan
+has carried the rows its floors left short (project.project_blocks).
 """
 from __future__ import annotations
 

@@ -244,13 +244,13 @@ def test_rows_left_unproven_are_settled_in_fp32_with_wider_candidates_then_in_fl
     vectors[3] = head[60] * 3  # its top 12 lie among the 41 near-ties
     vectors[4] = 0
     seen = {}
-    sides, float64 = project._exact_sides, project._float64_topk
+    candidates, float64 = certified.candidates, project._float64_topk
 
-    def spy_sides(v, head, k, c, *rest):
-        seen.setdefault("projected", []).append((c, (rest[2] if len(rest) > 2 else head.fast).dtype))
-        return sides(v, head, k, c, *rest)
+    def spy_candidates(v, fast, c, *rest):
+        seen.setdefault("projected", []).append((c, fast.dtype))
+        return candidates(v, fast, c, *rest)
 
-    monkeypatch.setattr(project, "_exact_sides", spy_sides)
+    monkeypatch.setattr(certified, "candidates", spy_candidates)
     monkeypatch.setattr(project, "_float64_topk", lambda v, *a: seen.setdefault("float64", []).append(len(v)) or float64(v, *a))
     fitted = Head.from_weight(head, torch.bfloat16)
     assert (fitted.weight.dtype == torch.bfloat16) == bf16_checkpoint

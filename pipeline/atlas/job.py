@@ -5,8 +5,8 @@ Parquet file, each written under a temporary name and renamed when complete. A c
 `<out>/.state/atlas/<model>/` records the partition and the settings it was built with; a rerun skips
 marked partitions, so a run killed at any moment resumes to the same atlas. One file lock per model
 keeps two builds from writing the same atlas at once. Memory holds the LM head and, per lane, the
-partition being read and projected and the one before it, which is written once the next one's scan
-has carried the rows its floors left short (project.project_blocks).
+partition being read and projected; the one before it waits, its results and its few short rows'
+vectors only, to be written once the next one's scan has carried those rows (project.project_blocks).
 """
 from __future__ import annotations
 
@@ -279,6 +279,7 @@ class AtlasJob:
                 vectors, norms = self._load(part)
                 taken.append([part, norms, [], 0])
                 yield from vectors.split(step)
+                del vectors  # not held while the next partition is read
 
         for projection in project_blocks(blocks(), head, self.cfg.k):
             held = taken[0]

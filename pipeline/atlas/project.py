@@ -146,12 +146,14 @@ def project_blocks(blocks: Iterable[torch.Tensor], head: Head, k: int, chunk: in
     in fp32 with more candidates, and those that still fail from float64 logits. Rows whose floor was
     too high must be scanned again from −inf: they ride along the next block's scan, because a pass of
     their own would stream the whole head for a handful of rows (20 ms of memory traffic for Gemma 3's
-    bf16 head, the product's share of 13 rows 9 ms). So a block is yielded once the next one is scanned,
-    and only the last block's short rows are scanned alone.
+    bf16 head, the product's share of 13 rows 9 ms). So a block is settled at once but for those rows,
+    kept (their vectors only) until the next block is scanned, then yielded; only the last block's
+    short rows are scanned alone. A block's unproven rows, short or not, are projected again together.
     """
     pending = None
     for vectors in blocks:
         scanned = _Scanned(vectors, head, k, chunk, candidates, pending)
+        del vectors  # not held while the next block is read: a lane keeps one partition's vectors
         if pending is not None:
             yield pending.finish(scanned.riders)
         pending = scanned
@@ -160,40 +162,60 @@ def project_blocks(blocks: Iterable[torch.Tensor], head: Head, k: int, chunk: in
 
 
 class _Scanned:
-    """A block's first candidates, the rows among them its floors left short, and the candidates of
-    the short rows of the block before, which rode along its scan."""
+    """A block's projection, settled at once but for the rows its floors left short, which wait (their
+    vectors only) for the next block's scan; and the candidates of the block before's short rows, which
+    rode along this one's."""
 
     def __init__(self, vectors: torch.Tensor, head: Head, k: int, chunk: int | None, candidates: int | None,
                  before: _Scanned | None) -> None:
-        vocab = head.weight.shape[0]
-        self.vectors, self.head, self.k = vectors, head, min(k, vocab)
+        vocab, n = head.weight.shape[0], len(vectors)
+        self.head, self.k = head, min(k, vocab)
         self.chunk = chunk or (cpu_chunk(head.weight.shape[1], head.fast.dtype) if vectors.device.type == "cpu"
                                else ACCELERATOR_CHUNK)
         self.c = candidate_count(self.k, vocab, head.fast.dtype, candidates)
-        self.mean = vectors @ head.mean
-        self.std = quadratic_form(vectors, head.cov).clamp_min(0).sqrt()
-        floors = certified.scan_floors(self.mean, self.std, self.c, vocab)
-        riders = before.vectors[before.short] if before is not None else vectors[:0]
-        if len(riders):  # scanned from −inf, as the block's own last rows
-            vectors = torch.cat([vectors, riders])
-            if floors is not None:
-                below = torch.full((len(riders),), -torch.inf, device=vectors.device)
-                floors = certified.Floors(*(torch.cat([f, below]) for f in floors))
-        found = certified.candidates(vectors, head.fast, self.c, self.chunk, floors)
-        n = len(self.vectors)
-        self.sets, self.riders = tuple(t[:n] for t in found), tuple(t[n:] for t in found)
-        self.short = certified.short_rows(self.sets)
+        mean = vectors @ head.mean
+        std = quadratic_form(vectors, head.cov).clamp_min(0).sqrt()
+        floors = certified.scan_floors(mean, std, self.c, vocab)
+        riders = before.waiting if before is not None else vectors[:0]
+        scanned = torch.cat([vectors, riders]) if len(riders) else vectors  # riders from −inf, as the last rows
+        if len(riders) and floors is not None:
+            below = torch.full((len(riders),), -torch.inf, device=vectors.device)
+            floors = certified.Floors(*(torch.cat([f, below]) for f in floors))
+        found = certified.candidates(scanned, head.fast, self.c, self.chunk, floors)
+        own, self.riders = tuple(t[:n] for t in found), tuple(t[n:].clone() for t in found)
+        self.short = certified.short_rows(own)
+        self.waiting = vectors[self.short]
+        self.settled = tuple(torch.empty(n, self.k, dtype=dtype, device=vectors.device)
+                             for dtype in (torch.float32, torch.long) * 2)  # top values, ids; bottom values, ids
+        self.stats = (mean, std, vectors.norm(dim=1))
+        self.unproven: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, vectors) for one retry
+        everyone = torch.arange(n, device=vectors.device)
+        if len(self.short):
+            rest = torch.ones(n, dtype=torch.bool, device=vectors.device).index_fill_(0, self.short, False)
+            self._settle(vectors[rest], tuple(t[rest] for t in own), everyone[rest])
+        else:
+            self._settle(vectors, own, everyone)
+
+    def _settle(self, vectors: torch.Tensor, found: tuple[torch.Tensor, ...], rows: torch.Tensor) -> None:
+        """Settle `rows` of the block from their candidates; those left unproven wait for the block's retry."""
+        top, bottom = _first_sides(vectors, self.head, self.k, found)
+        _fill(self.settled, rows, (top, bottom))
+        unproven = _unproven(top, bottom)
+        if len(unproven):
+            self.unproven.append((rows[unproven], vectors[unproven]))
 
     def finish(self, riders: tuple[torch.Tensor, ...] | None = None) -> Projection:
-        """The block's projection, its short rows' candidates from `riders` or else from a scan of their own."""
+        """The block's projection: its short rows settled from `riders` or else from a scan of their own,
+        then every row left unproven settled again, in one pass."""
         if len(self.short):
-            if riders is None:
-                riders = certified.candidates(self.vectors[self.short], self.head.fast, self.c, self.chunk)
-            for kept, again in zip(self.sets, riders):
-                kept[self.short] = again
-        top, bottom = _exact_sides(self.vectors, self.head, self.k, self.c, self.chunk, self.sets)
-        return Projection(top.ids, top.values, bottom.ids, -bottom.values, self.mean, self.std,
-                          self.vectors.norm(dim=1))
+            found = riders if riders is not None else certified.candidates(self.waiting, self.head.fast, self.c,
+                                                                           self.chunk)
+            self._settle(self.waiting, found, self.short)
+        if self.unproven:
+            rows, vectors = (torch.cat(part) for part in zip(*self.unproven))
+            _fill(self.settled, rows, _again(vectors, self.head, self.k, self.c, self.chunk))
+        top_values, top_ids, bottom_values, bottom_ids = self.settled
+        return Projection(top_ids, top_values, bottom_ids, -bottom_values, *self.stats)
 
 
 def candidate_count(k: int, vocab: int, dtype: torch.dtype, candidates: int | None = None) -> int:
@@ -213,23 +235,44 @@ def cpu_chunk(d: int, dtype: torch.dtype) -> int:
 def _exact_sides(vectors: torch.Tensor, head: Head, k: int, c: int, chunk: int, found: tuple[torch.Tensor, ...],
                  fast: FastHead | None = None) -> tuple[Settled, Settled]:
     """Top-k of the logits and of their negation from `found`, c candidates a side of the `fast` head
-    (default: the head's); rows it leaves unproven are projected again in fp32 over the exact head with
-    WIDEN·c candidates and no floors (few rows, one pass), and those that still fail, or would be a
-    large share of the vocabulary, from float64 logits."""
-    vocab, fast = head.weight.shape[0], fast or head.fast
-    tv, ti, bv, bi = found
-    eps = certified.error_bound(vectors, fast, torch.maximum(tv[:, 0].abs(), bv[:, 0].abs()))
-    top = certified.settle(vectors, head.weight, tv, ti, k, eps)
-    bottom = certified.settle(vectors, head.weight, bv, bi, k, eps, sign=-1)
-    rows = (~(top.proven & bottom.proven)).nonzero().squeeze(1)
+    (default: the head's), the rows it leaves unproven settled `_again`."""
+    top, bottom = _first_sides(vectors, head, k, found, fast)
+    rows = _unproven(top, bottom)
     if len(rows):
-        wider, exact = WIDEN * c, fast.in_fp32(head.weight)
-        again = (_exact_sides(vectors[rows], head, k, wider, chunk,
-                              certified.candidates(vectors[rows], exact, wider, chunk), exact)
-                 if fast is head.fast and wider * 8 <= vocab else _float64_topk(vectors[rows], head.weight, k, chunk))
-        for side, (values, ids, *_) in zip((top, bottom), again):
-            side.values[rows], side.ids[rows] = values, ids
+        _fill((top.values, top.ids, bottom.values, bottom.ids), rows, _again(vectors[rows], head, k, c, chunk, fast))
     return top, bottom
+
+
+def _first_sides(vectors: torch.Tensor, head: Head, k: int, found: tuple[torch.Tensor, ...],
+                 fast: FastHead | None = None) -> tuple[Settled, Settled]:
+    """Both sides settled from their candidates `found` of the `fast` head (default: the head's), and the
+    rows proven."""
+    tv, ti, bv, bi = found
+    eps = certified.error_bound(vectors, fast or head.fast, torch.maximum(tv[:, 0].abs(), bv[:, 0].abs()))
+    return (certified.settle(vectors, head.weight, tv, ti, k, eps),
+            certified.settle(vectors, head.weight, bv, bi, k, eps, sign=-1))
+
+
+def _unproven(top: Settled, bottom: Settled) -> torch.Tensor:
+    return (~(top.proven & bottom.proven)).nonzero().squeeze(1)
+
+
+def _again(vectors: torch.Tensor, head: Head, k: int, c: int, chunk: int, fast: FastHead | None = None
+           ) -> tuple[Settled, Settled] | tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """Rows c candidates of the `fast` head left unproven: projected again in fp32 over the exact head with
+    WIDEN·c candidates and no floors (few rows, one pass); those that still fail, or would be a large
+    share of the vocabulary, from float64 logits."""
+    wider, exact = WIDEN * c, (fast or head.fast).in_fp32(head.weight)
+    if (fast or head.fast) is head.fast and wider * 8 <= head.weight.shape[0]:
+        return _exact_sides(vectors, head, k, wider, chunk, certified.candidates(vectors, exact, wider, chunk), exact)
+    return _float64_topk(vectors, head.weight, k, chunk)
+
+
+def _fill(sides: tuple[torch.Tensor, ...], rows: torch.Tensor, again) -> None:
+    """Write the (values, ids) of both sides in `again` into `sides` (top values, ids, bottom values, ids)
+    at `rows`."""
+    for (values, ids), (new_values, new_ids, *_) in zip((sides[:2], sides[2:]), again):
+        values[rows], ids[rows] = new_values, new_ids
 
 
 def _float64_topk(vectors: torch.Tensor, weight: torch.Tensor, k: int, chunk: int):

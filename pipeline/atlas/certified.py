@@ -174,7 +174,7 @@ def scan_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int, floors:
             start.bottom[:, None].expand(n, width).float().contiguous(), torch.full((n, width), -1)]
     state = [t.numpy() for t in sets]  # top values, ids; negated bottom values, ids
     block = scan_rows(width, n)
-    buffer = torch.empty(min(n, block) * min(chunk, len(fast.weight)), dtype=fast.dtype)  # one product's logits
+    buffer = torch.empty(block * min(chunk, len(fast.weight)), dtype=fast.dtype)  # one product's logits
     for i, rows in enumerate(fast.weight.split(chunk)):
         rows = rows.to(v.dtype)
         for b in range(0, n, block):

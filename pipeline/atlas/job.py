@@ -272,19 +272,19 @@ class AtlasJob:
         neurons in one `project_blocks` stream: a partition is written once the next block is scanned."""
         bs = self.cfg.block_size
         step = bs * max(1, PRODUCT_BLOCK // bs)
-        taken: deque[list] = deque()  # [partition, norms, projected row groups, rows projected], in order
+        taken: deque[tuple[Partition, torch.Tensor, list[Projection]]] = deque()  # (part, norms, row groups)
 
         def blocks() -> Iterator[torch.Tensor]:
             for part in parts:
                 vectors, norms = self._load(part)
-                taken.append([part, norms, [], 0])
+                taken.append((part, norms, []))
                 yield from vectors.split(step)
                 del vectors  # not held while the next partition is read
 
         for projection in project_blocks(blocks(), head, self.cfg.k):
-            held = taken[0]
-            part, norms, projected, first = held
-            held[3] = last = first + len(projection.mean)
+            part, norms, projected = taken[0]
+            first = sum(len(group.mean) for group in projected)
+            last = first + len(projection.mean)
             projected += replace(projection, norm=norms[first:last]).cpu().split(bs)  # the stored vector's norm
             if last == len(norms):
                 taken.popleft()

@@ -95,19 +95,25 @@ def _holds_bf16(typingctx, logits):
     return types.boolean(logits), codegen
 
 
+def _splat(builder, scalar: ir.Value, vector: ir.VectorType) -> ir.Value:
+    """`scalar` in every lane of a vector."""
+    one = builder.insert_element(ir.Constant(vector, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), vector.count), [0] * vector.count))
+
+
+def _mask(builder, lanes: ir.Value) -> ir.Value:
+    """A vector of booleans as the bits of a uint64 (bit i for lane i)."""
+    return builder.zext(builder.bitcast(lanes, ir.IntType(lanes.type.count)), ir.IntType(64))
+
+
 def _compare(op: str, lanes=lambda array_type: BLOCK):
     """An intrinsic: the bit mask of `row[start:start + n] op bound` (bit i for row[start + i]), n =
     `lanes(row's type)`."""
     @intrinsic
     def compare(typingctx, row, start, bound):
         def codegen(context, builder, signature, args):
-            n = lanes(signature.args[0])
-            values = _block(context, builder, signature.args[0], args[0], args[1], n)
-            bound = builder.insert_element(ir.Constant(values.type, ir.Undefined), args[2],
-                                           ir.Constant(ir.IntType(32), 0))
-            splat = builder.shuffle_vector(bound, bound, ir.Constant(ir.VectorType(ir.IntType(32), n), [0] * n))
-            return builder.zext(builder.bitcast(builder.fcmp_ordered(op, values, splat), ir.IntType(n)),
-                                ir.IntType(64))
+            values = _block(context, builder, signature.args[0], args[0], args[1], lanes(signature.args[0]))
+            return _mask(builder, builder.fcmp_ordered(op, values, _splat(builder, args[2], values.type)))
         return types.uint64(row, start, types.float32), codegen
     return compare
 
@@ -140,11 +146,9 @@ def _compare_bits(signed: bool):
             vector = ir.VectorType(ir.IntType(width), n)
             data = context.make_array(signature.args[0])(context, builder, args[0]).data
             values = builder.load(builder.bitcast(builder.gep(data, [args[1]]), vector.as_pointer()), align=width // 8)
-            key = builder.insert_element(ir.Constant(vector, ir.Undefined), builder.trunc(args[2], ir.IntType(width)),
-                                         ir.Constant(ir.IntType(32), 0))
-            splat = builder.shuffle_vector(key, key, ir.Constant(ir.VectorType(ir.IntType(32), n), [0] * n))
+            key = _splat(builder, builder.trunc(args[2], ir.IntType(width)), vector)
             greater = builder.icmp_signed if signed else builder.icmp_unsigned
-            return builder.zext(builder.bitcast(greater(">", values, splat), ir.IntType(n)), ir.IntType(64))
+            return _mask(builder, greater(">", values, key))
         return types.uint64(row, start, types.int64), codegen
     return compare
 

@@ -262,8 +262,9 @@ def _again(vectors: torch.Tensor, head: Head, k: int, c: int, chunk: int, fast: 
     """Rows c candidates of the `fast` head left unproven: projected again in fp32 over the exact head with
     WIDEN·c candidates and no floors (few rows, one pass); those that still fail, or would be a large
     share of the vocabulary, from float64 logits."""
-    wider, exact = WIDEN * c, (fast or head.fast).in_fp32(head.weight)
-    if (fast or head.fast) is head.fast and wider * 8 <= head.weight.shape[0]:
+    fast, wider = fast or head.fast, WIDEN * c
+    if fast is head.fast and wider * 8 <= head.weight.shape[0]:
+        exact = fast.in_fp32(head.weight)
         return _exact_sides(vectors, head, k, wider, chunk, certified.candidates(vectors, exact, wider, chunk), exact)
     return _float64_topk(vectors, head.weight, k, chunk)
 

@@ -1,13 +1,15 @@
 """The projection math against a float64 brute force with an explicit tie rule (value desc, id asc)."""
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline.atlas import certified, project
 from pipeline.atlas.certified import FastHead
-from pipeline.atlas.project import Head, fold_gain, project_block, project_blocks, z_scores
+from pipeline.atlas.project import Head, Projection, fold_gain, project_block, project_blocks, z_scores
 
 
 def reference(vectors: torch.Tensor, head: torch.Tensor, k: int):
@@ -153,23 +155,55 @@ def test_bf16_error_bound_holds_for_every_logit():
     assert (slack >= 0).all() and ((exact - approx.double()).abs().max(1).values > eps.double() / 20).all()
 
 
+def crowded(head_with_ties: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A head with ten rows closer than bf16 can tell apart, and 64 vectors among which a dead neuron, one
+    aligned with the duplicated rows and one whose top tokens are the ten near-tied rows."""
+    head = head_with_ties.clone()
+    g = torch.Generator().manual_seed(2)
+    head[100:110] = head[50] + 1e-4 * torch.randn(10, 48, generator=g)
+    vectors = torch.randn(64, 48, generator=g)
+    vectors[5] = 0
+    vectors[9] = head_with_ties[3]
+    vectors[20] = head[50] * 2
+    return head, vectors
+
+
+def assert_exact(p: Projection, vectors: torch.Tensor, head: torch.Tensor, k: int = 12) -> None:
+    """`p` (on the CPU) is the reference's top-k and bottom-k: the same ids in the same order, logits and
+    std within fp32 rounding."""
+    logits, top, bottom = reference(vectors, head, k)
+    assert np.array_equal(p.top_ids.numpy(), top) and np.array_equal(p.bottom_ids.numpy(), bottom)
+    np.testing.assert_allclose(p.top_logits.numpy(), np.take_along_axis(logits, top, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(p.bottom_logits.numpy(), np.take_along_axis(logits, bottom, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(p.std.double().numpy(), logits.std(1), rtol=1e-4, atol=1e-6)
+
+
+def joined(parts: list[Projection]) -> Projection:
+    return Projection(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Projection)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("candidates", [2, 13, 64, 128])
 def test_fp32_and_bf16_paths_give_the_exact_atlas(head_with_ties, candidates, dtype):
     """Candidates + exact re-score equal the float64 reference, near-ties and fallbacks included."""
-    head = head_with_ties.clone()
-    g = torch.Generator().manual_seed(2)
-    head[100:110] = head[50] + 1e-4 * torch.randn(10, 48, generator=g)  # closer than bf16 can tell apart
-    vectors = torch.randn(64, 48, generator=g)
-    vectors[5] = 0
-    vectors[9] = head_with_ties[3]
-    vectors[20] = head[50] * 2  # its top tokens are the near-tied rows
+    head, vectors = crowded(head_with_ties)
     p = project_block(vectors, Head.from_weight(head, dtype), k=12, chunk=1000, candidates=candidates)
-    logits, top, bottom = reference(vectors, head, 12)
-    assert np.array_equal(p.top_ids.numpy(), top) and np.array_equal(p.bottom_ids.numpy(), bottom)
-    np.testing.assert_allclose(p.top_logits.numpy(), np.take_along_axis(logits, top, 1), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(p.bottom_logits.numpy(), np.take_along_axis(logits, bottom, 1), rtol=1e-5, atol=1e-5)
+    assert_exact(p, vectors, head)
     assert set(p.top_ids[20, :11].tolist()) == {50, *range(100, 110)}
+
+
+@pytest.mark.parametrize("candidates", [2, 13, 64])
+def test_the_accelerators_candidates_and_rescoring_give_the_exact_atlas_through_a_stream(head_with_ties, candidates,
+                                                                                      monkeypatch):
+    """What a GPU runs (`topk` per chunk, float64 re-scoring of gathered rows; no floors, so no short rows)
+    through blocks of a stream, its retries included, here on CPU tensors."""
+    monkeypatch.setattr(certified, "candidates", lambda v, fast, c, chunk, floors=None: certified.topk_candidates(
+        v.to(fast.dtype), fast, min(c, len(fast.weight)), chunk))
+    monkeypatch.setattr(certified, "rescore", certified.bmm_rescore)
+    head, vectors = crowded(head_with_ties)
+    parts = project_blocks(vectors.split(24), Head.from_weight(head, torch.bfloat16), k=12, chunk=1000,
+                           candidates=candidates)
+    assert_exact(joined(list(parts)), vectors, head)
 
 
 def test_most_neurons_are_proven_with_the_default_candidates_and_every_proven_row_is_exact(head_with_ties):

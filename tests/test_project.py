@@ -197,8 +197,8 @@ def test_the_accelerators_candidates_and_rescoring_give_the_exact_atlas_through_
                                                                                       monkeypatch):
     """What a GPU runs (`topk` per chunk, float64 re-scoring of gathered rows; no floors, so no short rows)
     through blocks of a stream, its retries included, here on CPU tensors."""
-    monkeypatch.setattr(certified, "candidates", lambda v, fast, c, chunk, floors=None: certified.topk_candidates(
-        v.to(fast.dtype), fast, min(c, len(fast.weight)), chunk))
+    topk = certified.topk_candidates
+    monkeypatch.setattr(certified, "scan_candidates", lambda v, fast, c, chunk, floors=None: topk(v, fast, c, chunk))
     monkeypatch.setattr(certified, "rescore", certified.bmm_rescore)
     head, vectors = crowded(head_with_ties)
     parts = project_blocks(vectors.split(24), Head.from_weight(head, torch.bfloat16), k=12, chunk=1000,

@@ -2,7 +2,8 @@
 # The GPU checks of issue 9 as one run on a lent CUDA machine, within its 10-minute limit:
 #   1. tests/test_cuda.py: the cuda path against the float64 reference and a CPU build (seconds);
 #   2. bench/llama8b_shape.py --layers 32 --neurons 14336 --device cuda: a 16 GB checkpoint of Llama 3.1
-#      8B's shape written, read once, then built (the H100 target: under 10 s after the first read).
+#      8B's shape written, read once, then built (the H100 target: under 10 s after the first read);
+#   3. the same build with more lanes (LANES, default 8), in case the host's reading and writing bound it.
 # The machine's image has torch, numba, pyarrow, safetensors, transformers and click but not gguf, which
 # tests/tiny_models.py imports; carry its wheel (pure Python) from this repo's root:
 #   echo /.whl/ >> .git/info/exclude
@@ -25,5 +26,8 @@ tests=${PIPESTATUS[0]}
 python3 bench/llama8b_shape.py --layers 32 --neurons 14336 --device cuda --dir /tmp/llama8b-shape 2>&1 \
     | tee "$out/bench.txt"
 bench=${PIPESTATUS[0]}
+python3 bench/llama8b_shape.py --layers 32 --neurons 14336 --device cuda --dir /tmp/llama8b-shape --lanes "${LANES:-8}" \
+    2>&1 | tee "$out/bench-lanes.txt"
+bench=$(( bench || PIPESTATUS[0] ))
 echo "tests exit $tests, bench exit $bench"
 exit $(( tests || bench ))

@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--neurons", type=int, default=1024, help="neurons per layer (14336 in Llama 3.1 8B)")
     parser.add_argument("--dir", type=Path, help="where to write the checkpoint (default: a temporary folder)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lanes", type=int, help="partitions at once (atlas build --lanes; default: the build's)")
     args = parser.parse_args()
     if args.layers < 2:
         parser.error("--layers must be at least 2")
@@ -116,12 +117,13 @@ def main() -> None:
         t0 = time.perf_counter()
         source_sha256(open_source(folder), out / ".state" / "sha256.json")
         print(f"its SHA-256 (provenance; computed once per output folder, then cached): {time.perf_counter() - t0:.1f} s")
-        build = [str(folder), "--out", str(out), "--device", args.device]
+        lanes_option = ["--lanes", str(args.lanes)] if args.lanes else []
+        build = [str(folder), "--out", str(out), "--device", args.device, *lanes_option]
         one, rss_one = fresh_build([*build, "--layers", "0"])
         wall, rss = fresh_build([*build, "--force"])
     # a build runs its partitions (3 per layer) in rounds of one per lane: the difference of the two builds'
     # rounds is what the extra layers cost (layer 0 alone leaves a lane idle for a round on two lanes)
-    lanes = lane_shape(torch.device(args.device))[0]
+    lanes = lane_shape(torch.device(args.device), args.lanes)[0]
     rounds = [-(-3 * n // lanes) for n in (1, args.layers)]
     per_round = (wall - one) / (rounds[1] - rounds[0])
     per_layer = per_round * 3 / lanes

@@ -141,25 +141,26 @@ class ArchAdapter:
     def tied(self) -> bool:
         return self._head is None
 
-    def head(self, rows: slice | None = None) -> torch.Tensor:
+    def head(self, rows: slice | None = None, compact: bool = False) -> torch.Tensor:
         """The unembedding `W_U`, `[vocab, d_model]` float32 (the tied embedding where there is no head), or
-        some of its rows."""
-        return self.source.read(self._head or self._name("embed"), rows)
+        some of its rows; `compact` as `WeightSource.read`."""
+        return self.source.read(self._head or self._name("embed"), rows, compact)
 
     def gain(self, role: str, layer: int | None = None) -> torch.Tensor:
         """A norm's effective multiplicative gain `[d_model]` (Gemma's `1 + weight` resolved here)."""
         g = self.source.read(self._name(role, layer))
         return g if self.gguf else g + self.family.norm_offset
 
-    def neuron_vectors(self, matrix: str, layer: int) -> torch.Tensor:
-        """Neuron vectors `[n_neurons, d_model]`: rows of up/gate, columns of down."""
+    def neuron_vectors(self, matrix: str, layer: int, compact: bool = False) -> torch.Tensor:
+        """Neuron vectors `[n_neurons, d_model]`: rows of up/gate, columns of down; `compact` as
+        `WeightSource.read`."""
         if matrix not in self.matrices:
             raise AtlasError(f"{self.family.name} has no {matrix!r} matrix; it has {', '.join(self.matrices)}")
         n = self.n_neurons
         name = self._name(matrix, layer)
         if self.family.fused_gate_up and matrix != "down":
             rows = slice(0, n) if matrix == "gate" else slice(n, 2 * n)
-            return self.source.read(name, rows)
-        w = self.source.read(name)
+            return self.source.read(name, rows, compact)
+        w = self.source.read(name, compact=compact)
         transposed = (matrix == "down") != (self.family.conv1d and not self.gguf)
         return w.T.contiguous() if transposed else w

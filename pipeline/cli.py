@@ -75,10 +75,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Where shards of layers run: this machine, or a Ray cluster (RAY_ADDRESS; pip install '.[ray]').")
 @click.option("--workers", type=click.IntRange(min=1),
               help="Shards at once [default: 1 locally, in this process; on Ray one per 4 CPUs].")
+@click.option("--lanes", type=click.IntRange(min=1),
+              help="Partitions projected at once in a process [default: one per core; 3 on a GPU].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes; only errors.")
 def build(model: str, out: Path, name: str | None, k: int, norm: str, center: bool, matrices, layers,
           dtype: str, device: str, block_size: int, force: bool, engine: str, workers: int | None,
-          quiet: bool) -> None:
+          lanes: int | None, quiet: bool) -> None:
     """Map every MLP neuron of MODEL to its top and bottom tokens, as Parquet under OUT/atlas/.
 
     \b
@@ -95,7 +97,7 @@ def build(model: str, out: Path, name: str | None, k: int, norm: str, center: bo
 
     cfg = AtlasConfig(model=model, out=out, name=name, k=k, norm=norm, center=center, matrices=matrices,
                       layers=layers, dtype=dtype, device=device, block_size=block_size, force=force,
-                      engine=engine, workers=workers)
+                      engine=engine, workers=workers, lanes=lanes)
     job = AtlasJob(cfg)
     report = job.run(progress=not quiet, log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)))
     if not quiet:

@@ -54,12 +54,15 @@ class AtlasConfig:
     force: bool = False
     engine: str = "local"  # local: this process, or a process pool with workers > 1; ray: a Ray cluster
     workers: int | None = None  # shards at once; None: 1 locally, one per 4 CPUs of a Ray cluster
+    lanes: int | None = None  # partitions at once in a process; None: one per core, 3 on an accelerator
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise AtlasError(f"unknown engine {self.engine!r}: choose from {', '.join(ENGINES)}")
         if self.workers is not None and self.workers < 1:
             raise AtlasError(f"workers must be at least 1, got {self.workers}")
+        if self.lanes is not None and self.lanes < 1:
+            raise AtlasError(f"lanes must be at least 1, got {self.lanes}")
         if self.k < 1:
             raise AtlasError(f"k must be at least 1, got {self.k}")
         if self.norm not in NORMS:

@@ -240,15 +240,17 @@ def test_lanes_give_the_atlas_of_one_lane_and_leave_torch_threads_as_they_were(m
     """A build runs a partition per core; which lane finishes first changes nothing written."""
     folder = model_dir("llama", tie=True)
     threads = torch.get_num_threads()
+    runs = {"1": (1, []), "3": (3, []), "2 of 1 core": (1, ["--lanes", "2"]), "1 of 2 cores": (2, ["--lanes", "1"])}
     try:
-        for lanes in (1, 3):
-            torch.set_num_threads(lanes)
-            assert run_cli("build", folder, "--out", tmp_path / str(lanes), "-q").exit_code == 0
-            assert torch.get_num_threads() == lanes
+        for name, (cores, option) in runs.items():
+            torch.set_num_threads(cores)
+            assert run_cli("build", folder, "--out", tmp_path / name, *option, "-q").exit_code == 0
+            assert torch.get_num_threads() == cores
     finally:
         torch.set_num_threads(threads)
     for path in sorted((tmp_path / "1").rglob("*.parquet")):
-        assert pq.read_table(path).equals(pq.read_table(tmp_path / "3" / path.relative_to(tmp_path / "1"))), path
+        for name in runs:
+            assert pq.read_table(path).equals(pq.read_table(tmp_path / name / path.relative_to(tmp_path / "1"))), path
 
 
 def test_reading_keeps_no_mapping_of_the_checkpoint(model_dir):
@@ -285,3 +287,44 @@ def test_every_read_returns_a_tensor_the_caller_owns(model_dir, tmp_path, form):
         assert not [r for r in mapped if int(r[0], 16) <= first.data_ptr() < int(r[1], 16)], name
         first.add_(1)  # would crash on a read-only mapping; the check above fails first
         assert torch.equal(first, source.read(name) + 1), name
+
+
+@pytest.mark.parametrize("stored, form", [(torch.bfloat16, "safetensors"), (torch.float16, "safetensors"),
+                                          (torch.float32, "safetensors"), (torch.float32, "Q8_0 GGUF")])
+def test_compact_reads_keep_a_16_bit_checkpoint_as_stored_and_equal_the_float32_reads(model_dir, tmp_path,
+                                                                                      stored, form):
+    """What an accelerator is sent: bf16 and fp16 tensors as stored (half the bytes), anything else as
+    float32, each exactly the float32 read once converted; neuron vectors too, down's transposed."""
+    from pipeline.arch import ArchAdapter
+    from pipeline.sources import open_source
+
+    folder = model_dir("llama", sharded=True, tie=False, dtype=stored, d_model=64, d_ff=96)  # Q8_0 blocks of 32
+    path = folder if form == "safetensors" else tiny_models.build_gguf(folder, tmp_path / "m.gguf", quant="Q8_0")
+    source = open_source(path)
+    sent = stored if form == "safetensors" else torch.float32
+    for name in source.names():
+        compact = source.read(name, compact=True)
+        assert compact.dtype == sent, name
+        assert torch.equal(compact.float(), source.read(name)), name
+    adapter = ArchAdapter(source)
+    rows = slice(3, 17)
+    assert torch.equal(adapter.head(rows, compact=True).float(), adapter.head(rows))
+    for matrix in adapter.matrices:
+        compact = adapter.neuron_vectors(matrix, 1, compact=True)
+        assert compact.dtype == sent and torch.equal(compact.float(), adapter.neuron_vectors(matrix, 1)), matrix
+
+
+def test_compact_reads_change_no_bit_of_the_atlas(model_dir, tmp_path, monkeypatch):
+    """An accelerator's build converts a bf16 checkpoint after the copy and folds the gains there; run on
+    the CPU, that order writes the files of the float32 reads."""
+    from pipeline.atlas.job import AtlasJob
+
+    folder = model_dir("llama", tie=False, dtype=torch.bfloat16)
+    options = ["--norm", "both", "-q"]
+    assert run_cli("build", folder, "--out", tmp_path / "float32", *options).exit_code == 0
+    monkeypatch.setattr(AtlasJob, "_compact", property(lambda self: True))
+    assert run_cli("build", folder, "--out", tmp_path / "compact", *options).exit_code == 0
+    files = sorted((tmp_path / "float32").rglob("*.parquet"))
+    assert len(files) == 2 * 9 + 1
+    for path in files:
+        assert pq.read_table(path).equals(pq.read_table(tmp_path / "compact" / path.relative_to(tmp_path / "float32")))

@@ -38,10 +38,10 @@ def test_rerun_after_a_crash_resumes_and_matches_an_uninterrupted_run(deep_model
     assert run_cli("build", deep_model, "--out", tmp_path / "clean", "-q").exit_code == 0
     real = ArchAdapter.neuron_vectors
 
-    def failing(self, matrix, layer):
+    def failing(self, matrix, layer, *args):
         if layer == 7:
             raise OSError("disk went away")
-        return real(self, matrix, layer)
+        return real(self, matrix, layer, *args)
 
     monkeypatch.setattr(ArchAdapter, "neuron_vectors", failing)
     with pytest.raises(OSError):

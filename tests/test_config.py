@@ -29,3 +29,22 @@ def test_config_validates_once():
         AtlasConfig(model="m", norm="lens")
     with pytest.raises(AtlasError, match="invalid model name"):
         AtlasConfig(model="m", name="../x")
+    with pytest.raises(AtlasError, match="lanes must be at least 1"):
+        AtlasConfig(model="m", lanes=0)
+
+
+def test_lanes_share_out_the_cores_on_the_cpu_and_each_take_them_all_on_an_accelerator():
+    import torch
+
+    from pipeline.atlas.lanes import ACCELERATOR_LANES, lane_shape
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert lane_shape(torch.device("cpu")) == (4, 1)
+        assert lane_shape(torch.device("cpu"), 2) == (2, 2)
+        assert lane_shape(torch.device("cpu"), 8) == (8, 1)
+        assert lane_shape(torch.device("cuda")) == (ACCELERATOR_LANES, 4)
+        assert lane_shape(torch.device("cuda"), 6) == (6, 4)
+    finally:
+        torch.set_num_threads(threads)

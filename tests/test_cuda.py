@@ -27,12 +27,14 @@ def test_cuda_projection_equals_the_float64_reference(head_with_ties, candidates
         assert_exact(joined([p.cpu() for p in parts]), vectors, head)
 
 
-def test_a_cuda_build_writes_the_atlas_of_a_cpu_build(model_dir, tmp_path):
+@pytest.mark.parametrize("stored, norm", [(torch.float32, "raw"), (torch.bfloat16, "both")])
+def test_a_cuda_build_writes_the_atlas_of_a_cpu_build(model_dir, tmp_path, stored, norm):
     """Same tokens in the same order; statistics and logits equal to fp32 rounding (the GPU sums in
-    another order)."""
-    folder = model_dir("llama", tie=True)
+    another order). A bf16 checkpoint is sent as stored and converted, its gains folded, on the GPU."""
+    folder = model_dir("llama", tie=True, dtype=stored)
     for device in ("cpu", "cuda"):
-        assert run_cli("build", folder, "--out", tmp_path / device, "--device", device, "-q").exit_code == 0
+        options = ["--out", tmp_path / device, "--device", device, "--norm", norm, "-q"]
+        assert run_cli("build", folder, *options).exit_code == 0
     files = sorted((tmp_path / "cpu").rglob("*.parquet"))
     assert len(files) == 2 * 9 + 1
     for path in files:

@@ -198,19 +198,29 @@ class AtlasJob:
         with schema.atomic_parquet(schema.tokens_path(self.cfg.out, self.model), schema.TOKENS, meta) as w:
             w.write_table(schema.tokens_rows(self.tokens, self.model))
 
+    @property
+    def _compact(self) -> bool:
+        """An accelerator takes a bf16 or fp16 checkpoint's tensors as stored and converts them itself:
+        half the bytes to read, pin and copy as in fp32."""
+        return self.device.type != "cpu"
+
+    def _gain(self, role: str, layer: int | None = None) -> torch.Tensor:
+        return to_device(self.adapter.gain(role, layer), self.device)
+
     def _load(self, part: Partition) -> tuple[torch.Tensor, torch.Tensor]:
-        """One matrix of one layer with the gains the normalisation folds in, and the raw vectors' norms."""
-        vectors = self.adapter.neuron_vectors(part.matrix, part.layer)
-        gain = self.adapter.gain("mlp_norm", part.layer) if self.cfg.norm == "both" and part.matrix != "down" else None
-        return to_device(fold_gain(vectors, gain, self.cfg.center), self.device), vectors.norm(dim=1)
+        """One matrix of one layer, on the device, with the gains the normalisation folds in, and the raw
+        vectors' norms."""
+        vectors = to_device(self.adapter.neuron_vectors(part.matrix, part.layer, self._compact), self.device).float()
+        gain = self._gain("mlp_norm", part.layer) if self.cfg.norm == "both" and part.matrix != "down" else None
+        return fold_gain(vectors, gain, self.cfg.center), vectors.norm(dim=1)
 
     def _head(self) -> Head:
         """The head read a chunk of rows at a time, so a bf16 checkpoint's is held once, in bf16."""
-        gain = self.adapter.gain("final_norm") if self.cfg.norm in ("final", "both") else None
+        gain = self._gain("final_norm") if self.cfg.norm in ("final", "both") else None
 
         def read(rows: slice) -> torch.Tensor:
-            weight = self.adapter.head(rows)
-            return to_device(weight if gain is None else weight.mul_(gain), self.device)  # W_U (g ⊙ w) = (W_U ⊙ g) w
+            weight = to_device(self.adapter.head(rows, self._compact), self.device).float()
+            return weight if gain is None else weight.mul_(gain)  # W_U (g ⊙ w) = (W_U ⊙ g) w
 
         return Head.from_rows(read, self.vocab, getattr(torch, self.dtype))
 
@@ -243,7 +253,7 @@ class AtlasJob:
 
         Reads and writes overlap other lanes' computing (lanes.py).
         """
-        lanes, per_lane = lane_shape(self.device)
+        lanes, per_lane = lane_shape(self.device, self.cfg.lanes)
         with exact_matmul():
             with ThreadPoolExecutor(1, "atlas-kernels") as side:
                 if self.device.type == "cpu":

@@ -37,10 +37,14 @@ class Feed:
         self._stopped = True
 
 
-def lane_shape(device: torch.device) -> tuple[int, int]:
-    """(lanes, torch threads per lane) for a device."""
+def lane_shape(device: torch.device, lanes: int | None = None) -> tuple[int, int]:
+    """(lanes, torch threads per lane) for a device: by default one lane per core on the CPU, its cores
+    shared out among `lanes` if given; on an accelerator every lane with every core."""
     threads = torch.get_num_threads()
-    return (threads, 1) if device.type == "cpu" else (ACCELERATOR_LANES, threads)
+    if device.type == "cpu":
+        lanes = lanes or threads
+        return lanes, max(1, threads // lanes)
+    return lanes or ACCELERATOR_LANES, threads
 
 
 @contextmanager

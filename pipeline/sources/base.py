@@ -28,9 +28,10 @@ class WeightSource(Protocol):
 
     def shape(self, name: str) -> tuple[int, ...]: ...
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+    def read(self, name: str, rows: slice | None = None, compact: bool = False) -> torch.Tensor:
         """A new float32 tensor each call, owned by the caller (never a view of a mapping): it may be
-        changed in place."""
+        changed in place. `compact`: a tensor stored in bf16 or fp16 comes as stored, exact in float32
+        later and half the bytes to move to an accelerator."""
 
     def files(self) -> list[Path]: ...
 

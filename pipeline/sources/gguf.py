@@ -161,9 +161,10 @@ class GGUFSource:
         except KeyError:
             raise AtlasError(f"{self.path}: no tensor {name!r} in this GGUF file") from None
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+    def read(self, name: str, rows: slice | None = None, compact: bool = False) -> torch.Tensor:
         """Dequantised into one new float32 tensor, READ_VALUES at a time: a dequantisation's temporaries
-        (several times its output for K-quants) stay small beside a head of GBs."""
+        (several times its output for K-quants) stay small beside a head of GBs. Float32 even when
+        `compact`: a quantised block has no smaller exact form."""
         t = self._tensor(name)
         shape = self.shape(name)
         data = t.data if rows is None else t.data[rows]  # rows are whole blocks

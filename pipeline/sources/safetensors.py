@@ -10,7 +10,8 @@ from safetensors import SafetensorError, safe_open
 from pipeline.errors import AtlasError
 from pipeline.tokens import TokenTable
 
-READ_BYTES = 64 * 2**20  # float32 bytes converted per block when reading a tensor
+READ_BYTES = 64 * 2**20  # bytes of output per block when reading a tensor
+COMPACT = {"BF16": torch.bfloat16, "F16": torch.float16}  # stored dtypes `read(compact=True)` keeps
 
 
 class SafetensorsSource:
@@ -28,6 +29,7 @@ class SafetensorsSource:
             raise AtlasError(f"{self.path / 'config.json'}: no num_hidden_layers / n_layer")
         self.n_layers = int(layers)
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, str] = {}
         self._where = self._weight_map()
 
     def _weight_map(self) -> dict[str, Path]:
@@ -47,9 +49,12 @@ class SafetensorsSource:
         return weight_map
 
     def _header(self, shard: Path) -> dict[str, tuple[int, ...]]:
-        """The shapes a shard holds (recorded for `shape`); one clear line for a corrupt file."""
+        """The shapes a shard holds (recorded, with the dtypes, for `shape` and `read`); one clear line for
+        a corrupt file."""
         with self._open(shard) as f:
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+            slices = {name: f.get_slice(name) for name in f.keys()}
+            shapes = {name: tuple(s.get_shape()) for name, s in slices.items()}
+            self._dtypes.update({name: s.get_dtype() for name, s in slices.items()})
         self._shapes.update(shapes)
         return shapes
 
@@ -72,18 +77,20 @@ class SafetensorsSource:
         self._check(name)
         return self._shapes[name]
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """Rows of a tensor as float32, converted a block at a time, each block through its own mapping:
-        a bf16 head never exists twice, and its mapped pages never all at once (they count as memory)."""
+    def read(self, name: str, rows: slice | None = None, compact: bool = False) -> torch.Tensor:
+        """Rows of a tensor as float32 (or, `compact`, a bf16 or fp16 one as stored), converted a block at a
+        time, each block through its own mapping: a bf16 head never exists twice, and its mapped pages
+        never all at once (they count as memory)."""
         self._check(name)
         shape = self._shapes[name]
         shard = self._where[name]
+        dtype = COMPACT.get(self._dtypes[name], torch.float32) if compact else torch.float32
         if not shape:
             with self._open(shard) as f:
-                return f.get_slice(name)[:].to(torch.float32)
+                return f.get_slice(name)[:].to(dtype)
         start, stop, _ = (rows or slice(None)).indices(shape[0])
-        out = torch.empty((max(stop - start, 0), *shape[1:]), dtype=torch.float32)
-        step = max(1, READ_BYTES // max(1, 4 * out[0].numel())) if len(out) else 1
+        out = torch.empty((max(stop - start, 0), *shape[1:]), dtype=dtype)
+        step = max(1, READ_BYTES // max(1, out.element_size() * out[0].numel())) if len(out) else 1
         for i in range(start, stop, step):
             with self._open(shard) as f:
                 out[i - start:min(i + step, stop) - start] = f.get_slice(name)[i:min(i + step, stop)]

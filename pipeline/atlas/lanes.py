@@ -2,9 +2,9 @@
 
 A lane takes partitions from a shared `Feed` until none is left. On the CPU a lane is one core running
 single-threaded products and scans, so no core waits for another.
-On a CUDA device a lane is a thread with every CPU thread for reading and its own CUDA stream, so one
-lane's host→device copy and another's reading or Parquet writing overlap the device's computing; copies
-go through pinned (page-locked) host memory, which the device reads asynchronously.
+On a CUDA device a lane is a thread with its share of the CPU threads for reading and its own CUDA
+stream, so one lane's host→device copy and another's reading or Parquet writing overlap the device's
+computing; copies go through pinned (page-locked) host memory, which the device reads asynchronously.
 """
 from __future__ import annotations
 
@@ -38,13 +38,12 @@ class Feed:
 
 
 def lane_shape(device: torch.device, lanes: int | None = None) -> tuple[int, int]:
-    """(lanes, torch threads per lane) for a device: by default one lane per core on the CPU, its cores
-    shared out among `lanes` if given; on an accelerator every lane with every core."""
+    """(lanes, torch threads per lane) for a device: by default one lane per core on the CPU and
+    ACCELERATOR_LANES on an accelerator, the cores shared out among them (lanes that each ran every
+    core's OpenMP threads at once would oversubscribe the cores)."""
     threads = torch.get_num_threads()
-    if device.type == "cpu":
-        lanes = lanes or threads
-        return lanes, max(1, threads // lanes)
-    return lanes or ACCELERATOR_LANES, threads
+    lanes = lanes or (threads if device.type == "cpu" else ACCELERATOR_LANES)
+    return lanes, max(1, threads // lanes)
 
 
 @contextmanager

@@ -289,16 +289,18 @@ def test_every_read_returns_a_tensor_the_caller_owns(model_dir, tmp_path, form):
         assert torch.equal(first, source.read(name) + 1), name
 
 
-@pytest.mark.parametrize("stored, form", [(torch.bfloat16, "safetensors"), (torch.float16, "safetensors"),
-                                          (torch.float32, "safetensors"), (torch.float32, "Q8_0 GGUF")])
+@pytest.mark.parametrize("family, stored, form", [
+    ("llama", torch.bfloat16, "safetensors"), ("llama", torch.float16, "safetensors"),
+    ("llama", torch.float32, "safetensors"), ("llama", torch.float32, "Q8_0 GGUF"),
+    ("phi3", torch.bfloat16, "safetensors"), ("gpt2", torch.bfloat16, "safetensors")])  # fused gate_up; Conv1D
 def test_compact_reads_keep_a_16_bit_checkpoint_as_stored_and_equal_the_float32_reads(model_dir, tmp_path,
-                                                                                      stored, form):
+                                                                                      family, stored, form):
     """What an accelerator is sent: bf16 and fp16 tensors as stored (half the bytes), anything else as
-    float32, each exactly the float32 read once converted; neuron vectors too, down's transposed."""
+    float32, each exactly the float32 read once converted; neuron vectors too, split or transposed."""
     from pipeline.arch import ArchAdapter
     from pipeline.sources import open_source
 
-    folder = model_dir("llama", sharded=True, tie=False, dtype=stored, d_model=64, d_ff=96)  # Q8_0 blocks of 32
+    folder = model_dir(family, sharded=True, tie=False, dtype=stored, d_model=64, d_ff=96)  # Q8_0 blocks of 32
     path = folder if form == "safetensors" else tiny_models.build_gguf(folder, tmp_path / "m.gguf", quant="Q8_0")
     source = open_source(path)
     sent = stored if form == "safetensors" else torch.float32

@@ -154,13 +154,17 @@ class ArchAdapter:
     def neuron_vectors(self, matrix: str, layer: int, compact: bool = False) -> torch.Tensor:
         """Neuron vectors `[n_neurons, d_model]`: rows of up/gate, columns of down; `compact` as
         `WeightSource.read`."""
+        w, transposed = self.neuron_matrix(matrix, layer, compact)
+        return w.T.contiguous() if transposed else w
+
+    def neuron_matrix(self, matrix: str, layer: int, compact: bool = False) -> tuple[torch.Tensor, bool]:
+        """The matrix as stored that holds a layer's neuron vectors, and whether they are its columns (a
+        build on an accelerator transposes it there)."""
         if matrix not in self.matrices:
             raise AtlasError(f"{self.family.name} has no {matrix!r} matrix; it has {', '.join(self.matrices)}")
         n = self.n_neurons
         name = self._name(matrix, layer)
         if self.family.fused_gate_up and matrix != "down":
             rows = slice(0, n) if matrix == "gate" else slice(n, 2 * n)
-            return self.source.read(name, rows, compact)
-        w = self.source.read(name, compact=compact)
-        transposed = (matrix == "down") != (self.family.conv1d and not self.gguf)
-        return w.T.contiguous() if transposed else w
+            return self.source.read(name, rows, compact), False
+        return self.source.read(name, compact=compact), (matrix == "down") != (self.family.conv1d and not self.gguf)

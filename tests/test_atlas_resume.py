@@ -36,20 +36,20 @@ def deep_model(model_dir):
 
 def test_rerun_after_a_crash_resumes_and_matches_an_uninterrupted_run(deep_model, tmp_path, monkeypatch):
     assert run_cli("build", deep_model, "--out", tmp_path / "clean", "-q").exit_code == 0
-    real = ArchAdapter.neuron_vectors
+    real = ArchAdapter.neuron_matrix
 
     def failing(self, matrix, layer, *args):
         if layer == 7:
             raise OSError("disk went away")
         return real(self, matrix, layer, *args)
 
-    monkeypatch.setattr(ArchAdapter, "neuron_vectors", failing)
+    monkeypatch.setattr(ArchAdapter, "neuron_matrix", failing)
     with pytest.raises(OSError):
         run_cli("build", deep_model, "--out", tmp_path / "crashed", "-q")
     done = list((tmp_path / "crashed" / ".state" / "atlas").glob("*/*.json"))
     assert 0 < len(done) < 36
     assert not list((tmp_path / "crashed").rglob("*.tmp"))
-    monkeypatch.setattr(ArchAdapter, "neuron_vectors", real)
+    monkeypatch.setattr(ArchAdapter, "neuron_matrix", real)
     result = run_cli("build", deep_model, "--out", tmp_path / "crashed")
     assert result.exit_code == 0
     assert f"{len(done)} partitions already built, skipped" in result.stderr

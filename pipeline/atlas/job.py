@@ -210,7 +210,9 @@ class AtlasJob:
     def _load(self, part: Partition) -> tuple[torch.Tensor, torch.Tensor]:
         """One matrix of one layer, on the device, with the gains the normalisation folds in, and the raw
         vectors' norms."""
-        vectors = to_device(self.adapter.neuron_vectors(part.matrix, part.layer, self._compact), self.device).float()
+        stored, transposed = self.adapter.neuron_matrix(part.matrix, part.layer, self._compact)
+        stored = to_device(stored, self.device).float()  # an accelerator converts and transposes on its side
+        vectors = stored.T.contiguous() if transposed else stored
         gain = self._gain("mlp_norm", part.layer) if self.cfg.norm == "both" and part.matrix != "down" else None
         return fold_gain(vectors, gain, self.cfg.center), vectors.norm(dim=1)
 

@@ -200,8 +200,8 @@ class AtlasJob:
 
     @property
     def _compact(self) -> bool:
-        """An accelerator takes a bf16 or fp16 checkpoint's tensors as stored and converts them itself:
-        half the bytes to read, pin and copy as in fp32."""
+        """An accelerator takes a bf16 or fp16 checkpoint's tensors as stored and converts (and transposes)
+        them itself: half the bytes to read, pin and copy as in fp32, and no transposition on the host."""
         return self.device.type != "cpu"
 
     def _gain(self, role: str, layer: int | None = None) -> torch.Tensor:
@@ -211,7 +211,7 @@ class AtlasJob:
         """One matrix of one layer, on the device, with the gains the normalisation folds in, and the raw
         vectors' norms."""
         stored, transposed = self.adapter.neuron_matrix(part.matrix, part.layer, self._compact)
-        stored = to_device(stored, self.device).float()  # an accelerator converts and transposes on its side
+        stored = to_device(stored, self.device).float()
         vectors = stored.T.contiguous() if transposed else stored
         gain = self._gain("mlp_norm", part.layer) if self.cfg.norm == "both" and part.matrix != "down" else None
         return fold_gain(vectors, gain, self.cfg.center), vectors.norm(dim=1)

@@ -260,28 +260,38 @@ def test_sort_by_value_then_id_matches_lexsort_with_ties_signed_zeros_and_infini
 
 
 @pytest.mark.parametrize("bf16_checkpoint", [False, True])
-def test_rows_left_unproven_are_settled_in_fp32_with_wider_candidates_then_in_float64(head_with_ties, monkeypatch,
-                                                                                      bf16_checkpoint):
-    """Only rows that need it pay: a cut inside 40 near-identical head rows is beyond what bf16 resolves
-    and is settled by fp32 over the exact head (fp32, or a bf16 checkpoint's head kept in bf16), a dead
+def test_rows_left_unproven_are_settled_in_bf16_then_fp32_with_wider_candidates_then_in_float64(
+        head_with_ties, monkeypatch, bf16_checkpoint):
+    """Only rows that need it pay, each in the cheapest pass that proves it. A cut inside a crowd of 41
+    head rows closer than bf16 resolves is settled by bf16 with four times the candidates (the crowd fits);
+    a crowd of 201 by fp32 over the exact head (fp32, or a bf16 checkpoint's head kept in bf16); a dead
     neuron (every logit tied) from float64 logits."""
     head = head_with_ties.clone()
     g = torch.Generator().manual_seed(7)
-    if bf16_checkpoint:  # rows one bf16 ulp apart in one coordinate: ties in bf16 logits, not in exact ones
+    crowds = {60: range(1000, 1040), 80: range(1100, 1300)}
+    if bf16_checkpoint:  # rows a few bf16 ulps apart in one coordinate: ties in bf16 logits, not in exact ones
         head = head.bfloat16().float()
-        head[1000:1040] = head[60]
-        for i in range(40):
-            head[1000 + i, i] = head[60, i].bfloat16().nextafter(torch.tensor(9.0, dtype=torch.bfloat16)).float()
+        for centre, rows in crowds.items():
+            for i, row in enumerate(rows):
+                value = head[centre, i % 48].bfloat16()
+                for _ in range(i // 48 + 1):
+                    value = value.nextafter(torch.tensor(9.0, dtype=torch.bfloat16))
+                head[row] = head[centre]
+                head[row, i % 48] = value.float()
     else:
-        head[1000:1040] = head[60] + 1e-5 * torch.randn(40, 48, generator=g)  # far closer than bf16 resolves
+        for centre, rows in crowds.items():  # far closer than bf16 resolves, far wider than fp32's bound
+            head[rows] = head[centre] + 1e-3 * torch.randn(len(rows), 48, generator=g)
     vectors = torch.randn(50, 48, generator=g)
     vectors[3] = head[60] * 3  # its top 12 lie among the 41 near-ties
     vectors[4] = 0
+    vectors[5] = head[80] * 3  # its top 12 lie among the 201
     seen = {}
     candidates, float64 = certified.candidates, project._float64_topk
 
     def spy_candidates(v, fast, c, *rest):
-        seen.setdefault("projected", []).append((c, fast.dtype))
+        if c > 32:  # the first pass is at 32, and so is a scan of the rows its floors left short
+            rows = [i for i in range(len(vectors)) if (v == vectors[i]).all(1).any()]
+            seen.setdefault("projected again", []).append((c, fast.dtype, rows))
         return candidates(v, fast, c, *rest)
 
     monkeypatch.setattr(certified, "candidates", spy_candidates)
@@ -292,7 +302,9 @@ def test_rows_left_unproven_are_settled_in_fp32_with_wider_candidates_then_in_fl
     logits, top, bottom = reference(vectors, head, 12)
     assert np.array_equal(p.top_ids.numpy(), top) and np.array_equal(p.bottom_ids.numpy(), bottom)
     np.testing.assert_array_equal(p.top_logits.numpy(), np.take_along_axis(logits, top, 1).astype(np.float32))
-    assert seen == {"projected": [(32, torch.bfloat16), (128, torch.float32)], "float64": [1]}
+    (c16, dtype16, rows16), (c32, dtype32, rows32) = seen["projected again"]
+    assert (c16, dtype16, c32, dtype32) == (128, torch.bfloat16, 128, torch.float32)
+    assert {3, 4, 5} <= set(rows16) and rows32 == [4, 5] and seen["float64"] == [1]
 
 
 def test_logits_within_fp32_rounding_are_ordered_by_their_true_values():

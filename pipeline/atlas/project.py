@@ -259,7 +259,8 @@ def _again(vectors: torch.Tensor, head: Head, k: int, c: int, chunk: int
     if wider * 8 > head.weight.shape[0]:
         return _float64_topk(vectors, head.weight, k, chunk)
     exact = head.fast.in_fp32(head.weight)
-    return _wider_sides(vectors, head, k, wider, chunk, (exact,) if head.fast.dtype == torch.float32 else (head.fast, exact))
+    passes = (exact,) if head.fast.dtype == torch.float32 else (head.fast, exact)
+    return _wider_sides(vectors, head, k, wider, chunk, passes)
 
 
 def _wider_sides(vectors: torch.Tensor, head: Head, k: int, c: int, chunk: int, passes: tuple[FastHead, ...]

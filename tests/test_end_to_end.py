@@ -35,7 +35,7 @@ def default_atlas(tmp_path_factory):
 def reference_model():
     from transformers import AutoModelForCausalLM
 
-    path = ALIASES["smollm2-135m-instruct"][1]()
+    path, _ = ALIASES["smollm2-135m-instruct"][1]()
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
 

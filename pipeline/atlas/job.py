@@ -90,7 +90,7 @@ class AtlasJob:
         self.device = torch_device(cfg.device)
         self.vocab, self.d_model = self.adapter.head_shape()
         with ThreadPoolExecutor(1, "atlas-sha256") as side:  # hashlib releases the GIL: hashed while tokens are read
-            digest = side.submit(source_sha256, self.source, cfg.out / ".state" / "sha256.json")
+            digest = side.submit(source_sha256, self.source, cfg.out / ".state" / "sha256.json", resolved.sha256)
             self.tokens = fit_tokens(self.source.token_table(), self.vocab)
         self.state = cfg.out / ".state" / "atlas" / self.model
         self.sha256 = digest.result()

@@ -81,7 +81,7 @@ def load_live(spec: str, *, name: str | None = None, dtype: str = "float32", dev
     config = model.config.get_text_config()
     provenance = {
         "model": name or resolved.slug, "model_id": resolved.model_id, "source_path": str(resolved.path),
-        "source_sha256": source_sha256(source, sha256_cache), "source_format": source.format,
+        "source_sha256": source_sha256(source, sha256_cache, resolved.sha256), "source_format": source.format,
         "architecture": config.model_type, "n_layers": config.num_hidden_layers,
         "vocab_size": model.get_output_embeddings().weight.shape[0], "dtype": dtype, "device": str(dev),
         "package_version": __version__, "torch_version": torch.__version__,

@@ -23,13 +23,14 @@ class ResolvedModel:
     model_id: str
     slug: str
     path: Path
+    sha256: str | None = None  # what the file must hash to (a packaged model's cached copy), or unknown
 
 
 def resolve(spec: str) -> ResolvedModel:
     """Find the local files behind a model spec; one clear error when there are none."""
     if spec in ALIASES:
         model_id, locate = ALIASES[spec]
-        return ResolvedModel(spec, model_id, spec, locate())
+        return ResolvedModel(spec, model_id, spec, *locate())
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir() and not (path / "config.json").exists():

@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from pipeline.errors import AtlasError
+
 if TYPE_CHECKING:
     import torch
 
@@ -46,13 +48,17 @@ def file_sha256(path: Path, cache_file: Path | None = None) -> str:
     return _digests([Path(path)], cache_file)[0]
 
 
-def source_sha256(source: WeightSource, cache_file: Path | None = None) -> str:
-    """One digest over every weight file of a source (a single file's digest when there is one)."""
+def source_sha256(source: WeightSource, cache_file: Path | None = None, expected: str | None = None) -> str:
+    """One digest over every weight file of a source (a single file's digest when there is one), refused
+    unless it is `expected` where that is known (a packaged model's cached copy)."""
     files = sorted(source.files())
     digests = _digests(files, cache_file)
-    if len(digests) == 1:
-        return digests[0]
-    return hashlib.sha256("".join(f"{p.name}:{d}\n" for p, d in zip(files, digests)).encode()).hexdigest()
+    digest = digests[0] if len(digests) == 1 else hashlib.sha256(
+        "".join(f"{p.name}:{d}\n" for p, d in zip(files, digests)).encode()).hexdigest()
+    if expected is not None and digest != expected:
+        raise AtlasError(f"{source.path}: SHA-256 {digest[:16]}…, not the {expected[:16]}… its package ships: "
+                         f"a damaged copy; delete it and rerun to have it assembled again")
+    return digest
 
 
 def _digests(paths: list[Path], cache_file: Path | None) -> list[str]:

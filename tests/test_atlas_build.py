@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from pipeline.atlas import certified, job
 from tests import tiny_models
 from tests.conftest import run_cli
 
@@ -252,6 +253,24 @@ def test_lanes_give_the_atlas_of_one_lane_and_leave_torch_threads_as_they_were(m
         for name in runs:
             assert pq.read_table(path).equals(pq.read_table(tmp_path / name / path.relative_to(tmp_path / "1"))), path
 
+
+def test_several_blocks_and_row_groups_a_partition_write_the_atlas_of_one(model_dir, tmp_path, monkeypatch):
+    """A partition projected in several blocks (the short rows of one riding along the next one's scan)
+    and written in several row groups holds the rows of a one-block build, and matches the reference."""
+    folder = model_dir("llama", d_ff=96)
+    assert run_cli("build", folder, "--out", tmp_path / "one", "-k", K, "-q").exit_code == 0
+    monkeypatch.setattr(job, "PRODUCT_BLOCK", 32)  # blocks of 32 neurons, row groups of 16
+    monkeypatch.setattr(certified, "FLOOR_TAIL", 0.0)  # floors too high: rows fall short, and ride along
+    monkeypatch.setattr(certified, "FLOOR_ABOVE", 0.25)
+    short, short_rows = [], certified.short_rows
+    monkeypatch.setattr(certified, "short_rows", lambda found: short.append(len(rows := short_rows(found))) or rows)
+    assert run_cli("build", folder, "--out", tmp_path / "many", "-k", K, "--block-size", "16", "-q").exit_code == 0
+    assert sum(short) > 96  # blocks whose every row fell short among them: nothing left to settle at once
+    check_against_reference(tmp_path / "many", folder.name, folder, "llama")
+    for path in sorted((tmp_path / "one").rglob("layer=*.parquet")):
+        twin = tmp_path / "many" / path.relative_to(tmp_path / "one")
+        assert pq.read_table(path).equals(pq.read_table(twin)), path
+        assert (pq.ParquetFile(path).num_row_groups, pq.ParquetFile(twin).num_row_groups) == (1, 96 // 16)
 
 def test_reading_keeps_no_mapping_of_the_checkpoint(model_dir):
     """Memory stays bounded: a mapped shard's touched pages count in the process until it is unmapped,

@@ -270,6 +270,8 @@ def rescore(vectors: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> t
     if vectors.device.type != "cpu":
         return bmm_rescore(vectors, weight, ids)
     out = torch.empty(ids.shape, dtype=torch.float32)
+    if not len(vectors):  # every row of a block left short: numpy gives an empty array no row strides
+        return out
     kernels.rescore(vectors.float().contiguous().numpy(), _numpy(weight), ids.contiguous().numpy(), out.numpy())
     return out
 

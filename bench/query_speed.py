@@ -20,9 +20,11 @@ import torch
 
 from pipeline.atlas import schema
 from pipeline.atlas.project import Projection
+from pipeline.config import AtlasConfig
 from pipeline.query import connect, run_sql
 
 VOCAB, NEURONS, K = 128256, 14336, 20
+ROW_GROUP = AtlasConfig.block_size
 
 
 def layer_projection(layer: int, matrix: str, shuffle: bool) -> Projection:
@@ -57,9 +59,9 @@ def write_atlases(out: Path, matrices: list[str], layers: int) -> None:
                                                   ("neurons", schema.NEURONS, schema.neuron_rows)):
                     path = schema.partition_path(out, table, model, matrix, layer)
                     with schema.atomic_parquet(path, arrow_schema, {"table": table, "model": model}) as w:
-                        for s in range(0, NEURONS, 256):  # row groups as the build writes them
-                            block = Projection(*(t[s:s + 256] for t in (p.top_ids, p.top_logits, p.bottom_ids,
-                                                                        p.bottom_logits, p.mean, p.std, p.norm)))
+                        for s in range(0, NEURONS, ROW_GROUP):  # row groups as the build writes them
+                            block = Projection(*(t[s:s + ROW_GROUP] for t in (p.top_ids, p.top_logits,
+                                                 p.bottom_ids, p.bottom_logits, p.mean, p.std, p.norm)))
                             w.write_table(rows(block, texts, model, matrix, layer, s))
         print(f"wrote {model}: {len(matrices)} matrices × {layers} layers", flush=True)
 

@@ -50,7 +50,7 @@ class AtlasConfig:
     layers: tuple[int, ...] | None = None  # None: all layers
     dtype: str = "auto"
     device: str = "cpu"
-    block_size: int = 512  # neurons per projection block and per Parquet row group
+    block_size: int = 4096  # neurons per Parquet row group (and projection block): large groups write and query faster
     force: bool = False
     engine: str = "local"  # local: this process, or a process pool with workers > 1; ray: a Ray cluster
     workers: int | None = None  # shards at once; None: 1 locally, one per 4 CPUs of a Ray cluster

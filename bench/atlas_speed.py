@@ -57,8 +57,10 @@ def best_time(fn, repeats: int) -> float:
     return interleaved_best({"run": fn}, repeats)["run"]
 
 
-def bare_product(head: torch.Tensor, vectors: torch.Tensor, dtype: torch.dtype, block: int, chunk: int):
-    """A closure computing `vectors @ head.T` in `dtype` in [block, chunk] pieces into one reused buffer."""
+def bare_product(head: torch.Tensor, vectors: torch.Tensor, dtype: torch.dtype, block: int, chunk: int,
+                 head_left: bool = True):
+    """A closure computing the logits in `dtype` in [block, chunk] pieces into one reused buffer: as the
+    build does, `head rows @ vectorsᵀ` (token by token), or with `head_left` false `vectors @ head rowsᵀ`."""
     h, v = head.to(dtype), vectors.to(dtype)
     buffer = torch.empty(block * chunk, dtype=dtype)
 
@@ -67,16 +69,20 @@ def bare_product(head: torch.Tensor, vectors: torch.Tensor, dtype: torch.dtype, 
             cols = h[s:s + chunk]
             for b in range(0, len(v), block):
                 rows = v[b:b + block]
-                torch.matmul(rows, cols.T, out=buffer[:len(rows) * len(cols)].view(len(rows), len(cols)))
+                out = buffer[:len(rows) * len(cols)]
+                if head_left:
+                    torch.matmul(cols, rows.T, out=out.view(len(cols), len(rows)))
+                else:
+                    torch.matmul(rows, cols.T, out=out.view(len(rows), len(cols)))
 
     return run
 
 
 def gemm_rate(head: torch.Tensor, vectors: torch.Tensor, dtype: torch.dtype, block: int, chunk: int,
-              lanes: int, repeats: int) -> float:
+              lanes: int, repeats: int, head_left: bool = True) -> float:
     """FLOP/s of the bare product at one shape: with every torch thread (lanes = 1), or as `lanes`
     single-threaded lanes each multiplying all of `vectors`, as the build runs a partition per lane."""
-    runs = [bare_product(head, vectors, dtype, block, chunk) for _ in range(lanes)]
+    runs = [bare_product(head, vectors, dtype, block, chunk, head_left) for _ in range(lanes)]
     seconds = best_time(lambda: runs[0]() if lanes == 1 else in_lanes(lambda run: run(), runs, lanes), repeats)
     return lanes * 2 * vectors.shape[0] * vectors.shape[1] * head.shape[0] / seconds
 
@@ -90,14 +96,16 @@ def roofline(head: torch.Tensor, vectors: torch.Tensor, blocks: list[int], chunk
     threads = torch.get_num_threads()
     best = {}
     for dtype in ("float32", "bfloat16"):
-        rates = sorted([(gemm_rate(head, vectors, getattr(torch, dtype), b, c, lanes, repeats), (b, c, lanes))
-                        for lanes in sorted({1, threads}) for b in blocks for c in chunks], reverse=True)
+        rates = sorted([(gemm_rate(head, vectors, getattr(torch, dtype), b, c, lanes, repeats, left), (b, c, lanes, left))
+                        for lanes in sorted({1, threads}) for b in blocks for c in chunks for left in (True, False)],
+                       reverse=True)
         burst = rates[0][0]
         once = 2 * vectors.shape[0] * vectors.shape[1] * head.shape[0] / burst  # seconds of one run
         longer = vectors.repeat(max(1, round(SUSTAINED / once)), 1)
-        sustained, (b, c, lanes) = max((gemm_rate(head, longer, getattr(torch, dtype), *shape, repeats), shape)
-                                       for _, shape in rates[:FINALISTS])
-        best[dtype] = (sustained, burst, f"[{b}, {c}], {'one lane per core' if lanes > 1 else f'{threads} threads'}")
+        sustained, (b, c, lanes, left) = max((gemm_rate(head, longer, getattr(torch, dtype), *shape[:3], repeats,
+                                                        shape[3]), shape) for _, shape in rates[:FINALISTS])
+        best[dtype] = (sustained, burst, f"[{b}, {c}], {'one lane per core' if lanes > 1 else f'{threads} threads'}, "
+                                         f"{'head rows' if left else 'neurons'} on the left")
     return best
 
 
@@ -143,7 +151,7 @@ def main() -> None:
     roof_dtype = max(rates, key=rates.get)
     roof, burst = rates[roof_dtype][:2]
     print(f"\n1. roofline: GEMM rate of {ROOF_SAMPLE[0]} neurons (per lane) × {ROOF_SAMPLE[1]} head rows (d {d}), "
-          f"best of blocks {blocks} × vocabulary chunks {chunks}, all threads or one lane per core, "
+          f"best of blocks {blocks} × vocabulary chunks {chunks}, all threads or one lane per core, either operand on the left, "
           f"in short runs; then the {FINALISTS} best shapes in runs of {SUSTAINED:.0f} s, best of {args.repeats}:")
     for dt, (r, b, how) in rates.items():
         print(f"   {dt:9s} {r / 1e9:8.1f} GFLOP/s sustained ({b / 1e9:.1f} in short runs) at {how}"

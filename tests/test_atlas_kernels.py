@@ -15,8 +15,8 @@ def running_scan(logits: np.ndarray, c: int, chunk: int) -> tuple[np.ndarray, ..
     n, width = logits.shape[0], -(-c // kernels.BLOCK) * kernels.BLOCK
     state = (np.full((n, width), -np.inf, np.float32), np.full((n, width), -1),
              np.full((n, width), -np.inf, np.float32), np.full((n, width), -1))
-    for s in range(0, logits.shape[1], chunk):
-        kernels.scan_chunk(logits[:, s:s + chunk], s, *state)
+    for s in range(0, logits.shape[1], chunk):  # the scan reads a chunk token by token: [tokens, rows]
+        kernels.scan_chunk(np.ascontiguousarray(logits[:, s:s + chunk].T), s, *state)
     kernels.sort_rows(*state[:2])
     kernels.sort_rows(*state[2:])
     return state[0][:, :c], state[1][:, :c], -state[2][:, :c], state[3][:, :c]
@@ -33,7 +33,7 @@ def test_scan_keeps_the_c_largest_and_smallest_values_lower_ids_first_on_ties(ch
     logits[7, ::97] = 9.0  # the top spread over many blocks, tied
     logits[9, -40:] = -9.0  # the bottom in the ragged tail
     logits[11, :40], logits[11, 100:110] = 5.0, 6.0  # later, larger values push out the highest tied ids
-    # bounds of either sign (bf16 compares bits for a positive top and a negative bottom bound, else floats)
+    # bounds of either sign (bf16 values are compared as order-preserving int16 keys, whose sign flips)
     logits[13], logits[15] = logits[13].abs() + 0.1, -logits[15].abs() - 0.1  # all positive; all negative
     logits[17] = 0.0  # signed zeros, which compare equal, at the cut, among tiny values of both signs
     logits[17, 1::3], logits[17, ::50], logits[17, 7::50] = -0.0, 2 ** -100, -(2 ** -100)

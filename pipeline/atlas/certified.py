@@ -183,8 +183,8 @@ def scan_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int, floors:
         rows = rows.to(v.dtype)
         for b in range(0, n, block):
             part = v[b:b + block]
-            out = buffer[:len(part) * len(rows)].view(len(part), len(rows))
-            torch.matmul(part, rows.T, out=out)
+            out = buffer[:len(part) * len(rows)].view(len(rows), len(part))  # token-major: head rows on the left
+            torch.matmul(rows, part.T, out=out)
             kernels.scan_chunk(_numpy(out), i * chunk, *(s[b:b + block] for s in state))
     kernels.sort_rows(*state[:2])
     kernels.sort_rows(*state[2:])

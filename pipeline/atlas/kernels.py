@@ -3,23 +3,26 @@
 Both are compiled by numba, release the GIL (a build runs one lane per core, each in its own thread)
 and work in place on numpy views of torch tensors.
 
-`scan_chunk` keeps, per row, the c largest values seen so far and the c largest negated values (the
+`scan_chunk` keeps, per neuron, the c largest values seen so far and the c largest negated values (the
 bottom side), each as an unsorted set whose worst member is the bound a new value must beat. It reads
-a chunk of logits a span at a time (64 bf16 values, 32 fp32 ones), as one vector compared with each
-bound (vector compares and a bit mask), and visits only the values whose bit is set; after the first
-chunks few are (a new value enters the top c of t values seen with chance c/t). bf16 logits are read as
-they are, their uint16 bit patterns, with no fp32 copy of the chunk, and compared as the integers those
-bits spell (`_above_positive`, `_below_negative`: exact for bounds of the usual sign, a positive top
-bound and a negative bottom one; the others compare as floats). A set that starts at a floor
+a chunk of logits laid out token by token (`[tokens, neurons]`: the product has the head's rows on its
+left, which an AMX CPU multiplies faster, see below), a token's values for a span of neurons at a time
+(64 bf16 values, 32 fp32 ones), as one vector compared with the vector of those neurons' bounds (a bit
+mask), and visits only the values whose bit is set; after the first chunks few are (a new value enters
+the top c of t values seen with chance c/t). bf16 logits are read as they are, their uint16 bit
+patterns, with no fp32 copy of the chunk: each is mapped to the int16 that orders like its value
+(`_key`), and compared with the key of the largest bf16 at or below the bound (`_keys_above`; the bottom
+side likewise); an admitted value is then compared as a float. A set that starts at a floor
 (certified.scan_floors) holds placeholders (id −1), which admitted values fill front to back with the
 bound unchanged; once full, an admitted value replaces the worst member in place (`_admit`: a vector
 minimum over the set, no sorted list to shift, about 23 ns). `sort_rows` orders the sets once at the
 end. Measured on an AVX2 EPYC, one core, fp32 SmolLM2 logits, c = 28: 0.6–0.7 ns per logit from sets of
-−inf, of which the compares take 0.2, 0.45–0.55 from floors (a sorted insertion list took 1.1–1.4 ns,
-`torch.topk` on both sides several); on an AVX-512 EPYC, bf16 logits, c = 64: compares 0.06–0.1 ns per
-logit, the scan from floors 0.2 (Gemma 3) to 0.4 (SmolLM2), against 2.3–2.6 ns for the bf16 product
-itself. Comparing bf16 bits 64 at a time instead of fp32 values 32 at a time took the scan of Gemma 3's
-logits from floors, in cache after each product, from 30 to 25 ms per 1,024 rows (one core, AVX-512).
+−inf, 0.45–0.55 from floors (a sorted insertion list took 1.1–1.4 ns, `torch.topk` on both sides
+several); on an AVX-512 EPYC with the logits neuron by neuron, bf16, c = 64: the scan from floors 0.2
+(Gemma 3) to 0.4 (SmolLM2) ns per logit, against 2.3–2.6 ns for the bf16 product itself. On a 2-core
+Xeon with AMX, one core, the product with the head's rows on the left ran 22–26% faster (SmolLM2
+119 → 87 ms a partition, Gemma 3 839 → 654 ms), and this scan 27–28 ms a SmolLM2 partition against
+21–23 for the neuron-by-neuron one; a partition 203 → 179 ms in all (Gemma 3 1,030 → 914 ms).
 
 `rescore` sums each neuron's dot product with its candidate rows in float64, in one fixed order (eight
 interleaved partial sums, a vector of doubles, then combined pairwise): the products of two fp32 values
@@ -106,54 +109,18 @@ def _mask(builder, lanes: ir.Value) -> ir.Value:
     return builder.zext(builder.bitcast(lanes, ir.IntType(lanes.type.count)), ir.IntType(64))
 
 
-def _compare(op: str, lanes=lambda array_type: BLOCK):
-    """An intrinsic: the bit mask of `row[start:start + n] op bound` (bit i for row[start + i]), n =
-    `lanes(row's type)`."""
+def _compare(op: str):
+    """An intrinsic: the bit mask of `row[start:start + BLOCK] op bound` (bit i for row[start + i])."""
     @intrinsic
     def compare(typingctx, row, start, bound):
         def codegen(context, builder, signature, args):
-            values = _block(context, builder, signature.args[0], args[0], args[1], lanes(signature.args[0]))
+            values = _block(context, builder, signature.args[0], args[0], args[1])
             return _mask(builder, builder.fcmp_ordered(op, values, _splat(builder, args[2], values.type)))
         return types.uint64(row, start, types.float32), codegen
     return compare
 
 
-_above, _below, _equal = _compare(">", _span), _compare("<", _span), _compare("==")
-
-
-@intrinsic
-def _bits(typingctx, row, bound):
-    """`bound` as the bit pattern of the row's element type, sign-extended to int64: its fp32 bits, or for
-    bf16 their high half (the value truncated toward zero)."""
-    def codegen(context, builder, signature, args):
-        bits = builder.bitcast(args[1], ir.IntType(32))
-        if signature.args[0].dtype == types.uint16:
-            bits = builder.trunc(builder.lshr(bits, ir.Constant(ir.IntType(32), 16)), ir.IntType(16))
-        return builder.sext(bits, ir.IntType(64))
-    return types.int64(row, types.float32), codegen
-
-
-def _compare_bits(signed: bool):
-    """An intrinsic: the bit mask of `row[start:start + _span] > key`, comparing the values' bit patterns
-    as integers of their width with `key` = `_bits(bound)`. Signed, that is `values > bound` for a bound
-    whose sign bit is clear; unsigned, `values < bound` for one whose sign bit is set (bf16: rounding the
-    bound toward zero changes neither). Right for fp32 rows too, but the scan compares those as floats,
-    as fast; bf16 values need no conversion, and one compare covers 32 of them."""
-    @intrinsic
-    def compare(typingctx, row, start, key):
-        def codegen(context, builder, signature, args):
-            width, n = (16 if signature.args[0].dtype == types.uint16 else 32), _span(signature.args[0])
-            vector = ir.VectorType(ir.IntType(width), n)
-            data = context.make_array(signature.args[0])(context, builder, args[0]).data
-            values = builder.load(builder.bitcast(builder.gep(data, [args[1]]), vector.as_pointer()), align=width // 8)
-            key = _splat(builder, builder.trunc(args[2], ir.IntType(width)), vector)
-            greater = builder.icmp_signed if signed else builder.icmp_unsigned
-            return _mask(builder, greater(">", values, key))
-        return types.uint64(row, start, types.int64), codegen
-    return compare
-
-
-_above_positive, _below_negative = _compare_bits(signed=True), _compare_bits(signed=False)
+_equal = _compare("==")
 
 
 @intrinsic
@@ -203,56 +170,138 @@ def _admit(values, ids, bound, x, token):
     return _worst(values)
 
 
+def _compare_lanes(op: str):
+    """An intrinsic: the bit mask of `row[start:start + BLOCK] op bounds[start:start + BLOCK]`, lane by lane
+    (bit i for row[start + i]), as floats."""
+    @intrinsic
+    def compare(typingctx, row, at, bounds, start):
+        def codegen(context, builder, signature, args):
+            values = _block(context, builder, signature.args[0], args[0], args[1])
+            limits = _block(context, builder, signature.args[2], args[2], args[3])
+            return _mask(builder, builder.fcmp_ordered(op, values, limits))
+        return types.uint64(row, at, bounds, start), codegen
+    return compare
+
+
+def _compare_keys(op: str):
+    """An intrinsic: the bit mask of `key(row[start:start + BLOCK]) op keys[start:start + BLOCK]` for bf16
+    values held as uint16, `key` mapping their bits to int16 in the values' order (`_key`): one integer
+    compare of 32 values, no conversion to fp32."""
+    @intrinsic
+    def compare(typingctx, row, at, keys, start):
+        def codegen(context, builder, signature, args):
+            lanes = _span(signature.args[0])
+            vector = ir.VectorType(ir.IntType(16), lanes)
+
+            def load(array_type, array, index):
+                data = context.make_array(array_type)(context, builder, array).data
+                return builder.load(builder.bitcast(builder.gep(data, [index]), vector.as_pointer()), align=2)
+
+            bits = load(signature.args[0], args[0], args[1])
+            magnitude = builder.and_(builder.ashr(bits, ir.Constant(vector, [15] * lanes)),
+                                     ir.Constant(vector, [0x7FFF] * lanes))
+            keys = load(signature.args[2], args[2], args[3])
+            return _mask(builder, builder.icmp_signed(op, builder.xor(bits, magnitude), keys))
+        return types.uint64(row, at, keys, start), codegen
+    return compare
+
+
+_above_each, _below_each = _compare_lanes(">"), _compare_lanes("<")
+_keys_above, _keys_below = _compare_keys(">"), _compare_keys("<")
+
+
+@intrinsic
+def _float_bits(typingctx, x):
+    """The bit pattern of a float32, as int64 (0 … 2³²−1)."""
+    def codegen(context, builder, signature, args):
+        return builder.zext(builder.bitcast(args[0], ir.IntType(32)), ir.IntType(64))
+    return types.int64(types.float32), codegen
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _key(bits):
+    """A bf16 bit pattern (0 … 2¹⁶−1) as the int16 that orders like its value: negative values' magnitude
+    bits flipped (−0 sorts just below +0; the scan compares floats after)."""
+    signed = bits - 65536 if bits >= 32768 else bits
+    return np.int16(signed ^ 0x7FFF if signed < 0 else signed)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _key_at_most(bound):
+    """The key of the largest bf16 value ≤ `bound`: a bf16 above it has a larger key."""
+    bits = _float_bits(np.float32(bound))
+    high = bits >> 16
+    if bits >= 1 << 31 and bits & 0xFFFF:  # negative: truncation rounded toward zero, up
+        high += 1
+    return _key(high)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _key_at_least(bound):
+    """The key of the smallest bf16 value ≥ `bound`: a bf16 below it has a smaller key."""
+    bits = _float_bits(np.float32(bound))
+    high = bits >> 16
+    if bits < 1 << 31 and bits & 0xFFFF:  # positive: truncation rounded down
+        high += 1
+    return _key(high)
+
+
 @numba.njit(nogil=True, cache=True, fastmath=_FAST)
 def scan_chunk(logits, offset, top_values, top_ids, bottom_values, bottom_ids):
-    """Fold a `[n, m]` chunk of logits (token ids `offset…offset+m−1`; float32, or bf16 held as uint16) into
-    the running sets of each row: the c largest logits and the c largest negated logits. c is a multiple
-    of BLOCK; a set starts at −inf, or at a floor as placeholders (id −1) filled front to back."""
-    n, m = logits.shape
-    adjacent = (m == 0 or logits.strides[1] == logits.itemsize) and top_values.strides[1] == top_values.itemsize \
-        and bottom_values.strides[1] == bottom_values.itemsize
-    if not adjacent or top_values.shape[1] % BLOCK or bottom_values.shape[1] % BLOCK:
-        raise ValueError("scan_chunk needs rows of adjacent values and sets of a multiple of 32")
-    span, bf16 = _step(logits), _holds_bf16(logits)
-    full, width = m - m % span, top_values.shape[1]
+    """Fold a chunk of logits laid out token by token, `[m, n]` (row t: token offset+t's logit for each of
+    the n neurons; float32, or bf16 held as uint16), into each neuron's running sets: the c largest logits
+    and the c largest negated logits. c is a multiple of BLOCK; a set starts at −inf, or at a floor as
+    placeholders (id −1) filled front to back."""
+    m, n = logits.shape
+    packed = (m * n == 0 or (logits.strides[1] == logits.itemsize and logits.strides[0] == n * logits.itemsize)) \
+        and top_values.strides[1] == top_values.itemsize and bottom_values.strides[1] == bottom_values.itemsize
+    if not packed or top_values.shape[1] % BLOCK or bottom_values.shape[1] % BLOCK:
+        raise ValueError("scan_chunk needs a contiguous chunk of logits and sets of a multiple of 32")
+    width, bf16 = top_values.shape[1], _holds_bf16(logits)
+    high, low = np.empty(n, np.float32), np.empty(n, np.float32)  # bounds; low: of values
+    high_keys, low_keys = np.empty(n, np.int16), np.empty(n, np.int16)
+    tn, bn = np.empty(n, np.int64), np.empty(n, np.int64)
     for r in range(n):
-        row = logits[r]
-        tv, ti, bv, bi = top_values[r], top_ids[r], bottom_values[r], bottom_ids[r]
-        high, low = _worst(tv), -_worst(bv)
-        high_bits, low_bits = _bits(row, high), _bits(row, low)
-        tn, bn = _filled(ti), _filled(bi)
-        for start in range(0, m, span):
-            if start < full:  # on bit patterns where the bound's sign allows (nearly always), else as floats
-                up = _above_positive(row, start, high_bits) if bf16 and high_bits >= 0 else _above(row, start, high)
-                down = _below_negative(row, start, low_bits) if bf16 and low_bits < 0 else _below(row, start, low)
-            else:  # the ragged tail: every value is a candidate, checked below
-                up = down = (np.uint64(1) << np.uint64(m - start)) - np.uint64(1)
+        high[r], low[r] = _worst(top_values[r]), -_worst(bottom_values[r])
+        high_keys[r], low_keys[r] = _key_at_most(high[r]), _key_at_least(low[r])
+        tn[r], bn[r] = _filled(top_ids[r]), _filled(bottom_ids[r])
+    span = _step(logits)
+    full, flat = n - n % span, logits.reshape(-1)
+    for t in range(m):
+        token, at = offset + t, t * n
+        for start in range(0, n, span):
+            if start >= full:  # the ragged tail: every value is a candidate, checked below
+                up = down = (np.uint64(1) << np.uint64(n - start)) - np.uint64(1)
+            elif bf16:
+                up, down = _keys_above(flat, at + start, high_keys, start), _keys_below(flat, at + start, low_keys, start)
+            else:
+                up, down = _above_each(flat, at + start, high, start), _below_each(flat, at + start, low, start)
             while up:
-                j = start + np.int64(_lowest_bit(up))
+                r = start + np.int64(_lowest_bit(up))
                 up &= up - np.uint64(1)
-                x = _at(row, j)
-                if x > high and tn < width:  # a placeholder's slot: the bound stays until none is left
-                    tv[tn], ti[tn] = x, offset + j
-                    tn += 1
-                    if tn == width:
-                        high = _worst(tv)
-                        high_bits = _bits(row, high)
-                elif x > high:
-                    high = _admit(tv, ti, high, x, offset + j)
-                    high_bits = _bits(row, high)
+                x = _at(flat, at + r)
+                if x > high[r] and tn[r] < width:  # a placeholder's slot: the bound stays until none is left
+                    top_values[r, tn[r]], top_ids[r, tn[r]] = x, token
+                    tn[r] += 1
+                    if tn[r] == width:
+                        high[r] = _worst(top_values[r])
+                        high_keys[r] = _key_at_most(high[r])
+                elif x > high[r]:
+                    high[r] = _admit(top_values[r], top_ids[r], high[r], x, token)
+                    high_keys[r] = _key_at_most(high[r])
             while down:
-                j = start + np.int64(_lowest_bit(down))
+                r = start + np.int64(_lowest_bit(down))
                 down &= down - np.uint64(1)
-                x = -_at(row, j)
-                if x > -low and bn < width:
-                    bv[bn], bi[bn] = x, offset + j
-                    bn += 1
-                    if bn == width:
-                        low = -_worst(bv)
-                        low_bits = _bits(row, low)
-                elif x > -low:
-                    low = -_admit(bv, bi, -low, x, offset + j)
-                    low_bits = _bits(row, low)
+                x = -_at(flat, at + r)
+                if x > -low[r] and bn[r] < width:
+                    bottom_values[r, bn[r]], bottom_ids[r, bn[r]] = x, token
+                    bn[r] += 1
+                    if bn[r] == width:
+                        low[r] = -_worst(bottom_values[r])
+                        low_keys[r] = _key_at_least(low[r])
+                elif x > -low[r]:
+                    low[r] = -_admit(bottom_values[r], bottom_ids[r], -low[r], x, token)
+                    low_keys[r] = _key_at_least(low[r])
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -367,7 +416,7 @@ def warm_up() -> None:
     """Load the compiled kernels: numba's first call in a process sets up its compiler (about 0.3 s),
     better spent beside the head's preparation than holding up the lanes."""
     values, ids = np.full((1, BLOCK), -np.inf, np.float32), np.zeros((1, BLOCK), np.int64)
-    for logits in (np.zeros((1, BLOCK), np.float32), np.zeros((1, BLOCK), np.uint16)):  # fp32 and bf16
+    for logits in (np.zeros((BLOCK, 1), np.float32), np.zeros((BLOCK, 1), np.uint16)):  # fp32 and bf16
         scan_chunk(logits, 0, values, ids, values.copy(), ids.copy())
     sort_rows(values, ids)
     for head in (np.zeros((BLOCK, BLOCK), np.float32), np.zeros((BLOCK, BLOCK), np.uint16)):  # fp32, bf16

@@ -20,6 +20,7 @@ import torch
 
 from pipeline.atlas import certified, kernels
 from pipeline.atlas.certified import FastHead, Settled, sort_by_value_then_id
+from pipeline.atlas.lanes import lane_pool
 
 CHUNK_BYTES = 5 << 20  # of the head per CPU product: long rows of logits for the scan, the chunk in cache
 ACCELERATOR_CHUNK = 1 << 16  # GPUs: few large products
@@ -51,15 +52,27 @@ class Head:
         """From the fp32 head read `chunk` rows at a time (FastHead.from_rows says what is kept); row mean
         and covariance accumulated in float64 over chunks."""
         fast, weight = FastHead.from_rows(read, vocab, dtype, chunk)
-        d = weight.shape[1]
-        total = torch.zeros(d, dtype=torch.float64, device=weight.device)
-        for i in range(0, vocab, chunk):  # fp32 sums within a chunk (torch's cascade), float64 across
-            total += weight[i:i + chunk].float().sum(0).double()
-        mean = (total / vocab).float()
-        cov = torch.zeros(d, d, dtype=torch.float64, device=weight.device)
-        for i in range(0, vocab, chunk):
-            cov += gram(weight[i:i + chunk].float() - mean).double()
+        starts = range(0, vocab, chunk)  # fp32 within a chunk, float64 across
+        mean = (_sum_in_order(lambda i: weight[i:i + chunk].float().sum(0), starts, weight.device) / vocab).float()
+        cov = _sum_in_order(lambda i: gram(weight[i:i + chunk].float() - mean), starts, weight.device)
         return cls(weight, mean, (cov / vocab).float(), fast)
+
+
+def _sum_in_order(part: Callable[[int], torch.Tensor], starts: range, device: torch.device) -> torch.Tensor:
+    """`Σ part(i)` over `starts` in float64, in order, each part on one CPU thread (as many at once as torch
+    has threads): a product split over threads sums in an order that depends on their number (MKL on a
+    2-core Xeon split even 128-row bands), so the head's statistics would."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    if device.type != "cpu":
+        for i in starts:
+            total = total + part(i).double()
+        return total
+    lanes = torch.get_num_threads()
+    with lane_pool(lanes, 1) as pool:
+        for wave in range(0, len(starts), lanes):  # a wave at a time: at most `lanes` parts held
+            for value in pool.map(part, starts[wave:wave + lanes]):
+                total = total + value.double()
+    return total
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +101,9 @@ def _block_bounds(d: int) -> list[tuple[int, int]]:
 
     A BLAS splits a product's inner dimension over threads when its output is small (bands of 12 rows
     did at 3 threads), and then its sums, so the atlas, would depend on the machine's thread count;
-    bands of ≥ 128 rows gave the same bits at 1 to 32 threads, as the whole product does.
+    on an AMD EPYC bands of ≥ 128 rows gave the same bits at 1 to 32 threads, as the whole product does.
+    MKL on a 2-core Xeon split even those, so the head's statistics are summed a chunk per thread
+    (`_sum_in_order`); a build's variances run in lanes, single-threaded.
     """
     blocks = GRAM_BLOCKS if d >= GRAM_BLOCKS * MIN_BAND else 1
     edges = [d * i // blocks for i in range(blocks + 1)]

@@ -272,6 +272,7 @@ def test_several_blocks_and_row_groups_a_partition_write_the_atlas_of_one(model_
         assert pq.read_table(path).equals(pq.read_table(twin)), path
         assert (pq.ParquetFile(path).num_row_groups, pq.ParquetFile(twin).num_row_groups) == (1, 96 // 16)
 
+
 def test_reading_keeps_no_mapping_of_the_checkpoint(model_dir):
     """Memory stays bounded: a mapped shard's touched pages count in the process until it is unmapped,
     so after reading every tensor no shard may still be mapped."""

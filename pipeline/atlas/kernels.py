@@ -171,8 +171,8 @@ def _admit(values, ids, bound, x, token):
 
 
 def _compare_lanes(op: str):
-    """An intrinsic: the bit mask of `row[start:start + BLOCK] op bounds[start:start + BLOCK]`, lane by lane
-    (bit i for row[start + i]), as floats."""
+    """An intrinsic: the bit mask of `row[at:at + BLOCK] op bounds[start:start + BLOCK]`, lane by lane
+    (bit i for row[at + i]), as floats."""
     @intrinsic
     def compare(typingctx, row, at, bounds, start):
         def codegen(context, builder, signature, args):
@@ -184,9 +184,9 @@ def _compare_lanes(op: str):
 
 
 def _compare_keys(op: str):
-    """An intrinsic: the bit mask of `key(row[start:start + BLOCK]) op keys[start:start + BLOCK]` for bf16
-    values held as uint16, `key` mapping their bits to int16 in the values' order (`_key`): one integer
-    compare of 32 values, no conversion to fp32."""
+    """An intrinsic: the bit mask of `key(row[at:at + n]) op keys[start:start + n]`, n = `_span` (64), for
+    bf16 values held as uint16, `key` mapping their bits to int16 in the values' order (`_key`): integer
+    compares, no conversion to fp32."""
     @intrinsic
     def compare(typingctx, row, at, keys, start):
         def codegen(context, builder, signature, args):

@@ -14,6 +14,7 @@ and `Σ` the mean and (population) covariance of the head's rows, computed once 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -52,37 +53,56 @@ class Head:
         """From the fp32 head read `chunk` rows at a time (FastHead.from_rows says what is kept); row mean
         and covariance accumulated in float64 over chunks."""
         fast, weight = FastHead.from_rows(read, vocab, dtype, chunk)
-        starts = range(0, vocab, chunk)  # fp32 within a chunk, float64 across
-        mean = (_sum_in_order(lambda i: weight[i:i + chunk].float().sum(0), starts, weight.device) / vocab).float()
-        cov = _sum_in_order(lambda i: gram(weight[i:i + chunk].float() - mean), starts, weight.device)
-        return cls(weight, mean, (cov / vocab).float(), fast)
+        chunks = weight.split(chunk)  # fp32 within a chunk, float64 across
+        with one_thread_each(weight.device) as run:
+            mean = (_sum_in_order(run(lambda rows: rows.sum(0, dtype=torch.float32), chunks)) / vocab).float()
+            cov = _sum_in_order(gram(rows - mean, run) for rows in chunks)  # bf16 rows promoted to fp32
+        return cls(weight, mean, cov.div_(vocab).float(), fast)
 
 
-def _sum_in_order(part: Callable[[int], torch.Tensor], starts: range, device: torch.device) -> torch.Tensor:
-    """`Σ part(i)` over `starts` in float64, in order, each part on one CPU thread (as many at once as torch
-    has threads): a product split over threads sums in an order that depends on their number (MKL on a
-    2-core Xeon split even 128-row bands), so the head's statistics would."""
-    total = torch.zeros((), dtype=torch.float64, device=device)
+Run = Callable[[Callable, Iterable], Iterator]
+
+
+@contextmanager
+def one_thread_each(device: torch.device) -> Iterator[Run]:
+    """A `map` that runs each call on one CPU thread, as many at once as torch has threads: a product split
+    over threads sums in an order that depends on their number (MKL on a 2-core Xeon split even 128-row
+    bands), and so would the head's statistics. On an accelerator, the plain `map`."""
     if device.type != "cpu":
-        for i in starts:
-            total = total + part(i).double()
-        return total
-    lanes = torch.get_num_threads()
-    with lane_pool(lanes, 1) as pool:
-        for wave in range(0, len(starts), lanes):  # a wave at a time: at most `lanes` parts held
-            for value in pool.map(part, starts[wave:wave + lanes]):
-                total = total + value.double()
+        yield map
+        return
+    with lane_pool(torch.get_num_threads(), 1) as pool:
+        yield pool.map
+
+
+def _sum_in_order(parts: Iterable[torch.Tensor]) -> torch.Tensor:
+    """`Σ parts` in float64, in order (fp32 → float64 is exact)."""
+    total = None
+    for part in parts:
+        total = torch.zeros_like(part, dtype=torch.float64) if total is None else total
+        total.add_(part)
     return total
 
 
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """`xᵀx` from its upper block triangle, mirrored (so exactly symmetric): of GRAM_BLOCKS² blocks only
-    those on and above the diagonal are multiplied, 10 of 16."""
+def gram(x: torch.Tensor, run: Run = map) -> torch.Tensor:
+    """`xᵀx` from its upper block triangle, mirrored in place (so exactly symmetric, and no copy of a 70B
+    head's 0.25-GiB Gram): of GRAM_BLOCKS² blocks only those on and above the diagonal are multiplied,
+    10 of 16, each a call of `run`."""
     d = x.shape[1]
     out = torch.empty(d, d, dtype=x.dtype, device=x.device)
-    for a, b in _block_bounds(d):
-        out[a:b, a:] = x[:, a:b].T @ x[:, a:]  # rows a…b from the diagonal on
-    return out.triu() + out.triu(1).T
+    bounds = _block_bounds(d)
+    pairs = [(rows, cols) for i, rows in enumerate(bounds) for cols in bounds[i:]]
+
+    def multiply(pair: tuple[tuple[int, int], tuple[int, int]]) -> None:
+        (a, b), (c, e) = pair
+        torch.matmul(x[:, a:b].T, x[:, c:e], out=out[a:b, c:e])
+
+    for _ in run(multiply, pairs):
+        pass
+    for a, b in bounds:
+        out[b:, a:b] = out[a:b, b:].T
+        out[a:b, a:b] = out[a:b, a:b].triu() + out[a:b, a:b].triu(1).T
+    return out
 
 
 def quadratic_form(x: torch.Tensor, sym: torch.Tensor) -> torch.Tensor:
@@ -102,8 +122,8 @@ def _block_bounds(d: int) -> list[tuple[int, int]]:
     A BLAS splits a product's inner dimension over threads when its output is small (bands of 12 rows
     did at 3 threads), and then its sums, so the atlas, would depend on the machine's thread count;
     on an AMD EPYC bands of ≥ 128 rows gave the same bits at 1 to 32 threads, as the whole product does.
-    MKL on a 2-core Xeon split even those, so the head's statistics are summed a chunk per thread
-    (`_sum_in_order`); a build's variances run in lanes, single-threaded.
+    MKL on a 2-core Xeon split even those, so the head's statistics run each product on one thread
+    (`one_thread_each`); a build's variances run in lanes, single-threaded.
     """
     blocks = GRAM_BLOCKS if d >= GRAM_BLOCKS * MIN_BAND else 1
     edges = [d * i // blocks for i in range(blocks + 1)]

@@ -7,10 +7,12 @@ Prints, for one model (default: the embedded SmolLM2-135M-Instruct):
   2. a few partitions projected three ways: the naive baseline (fp32 `W @ W_U.T`, then `topk` and the
      mean/std over the whole logit matrix), our `project_block` and the bare product, the last two in
      the dtype `--dtype auto` picks and a partition per lane (one torch thread each) as the build runs them;
+     and whether ours and the naive baseline give the exact top and bottom tokens of their first neurons;
   3. the full `atlas build` of the model in a subprocess: wall time, achieved FLOP/s
      (2 · neurons · d_model · vocabulary per matrix and layer), ratio to the roofline, peak RSS; and the
      bare product of every partition in lanes, as long as the build, right before and right after it:
-     the machine's rate around the build (a shared machine drifts over a minute).
+     the machine's rate around the build (a shared machine drifts over a minute); and the build's start-up
+     alone, which with that bare product gives the most a build could reach here.
 Every figure is a ratio against a baseline taken in the same run: the machines here differ (AVX2-only
 CPUs run bf16 several times slower than fp32, AMX CPUs several times faster) and are shared.
 
@@ -23,11 +25,11 @@ import tempfile
 import time
 
 import torch
-from fresh_build import fresh_build
+from fresh_build import fresh_build, fresh_startup
 
 from pipeline.arch import ArchAdapter
 from pipeline.atlas import certified
-from pipeline.atlas.certified import fastest_dtype
+from pipeline.atlas.certified import fastest_dtype, sort_by_value_then_id
 from pipeline.atlas.lanes import lane_pool
 from pipeline.atlas.project import PRODUCT_BLOCK, Head, candidate_count, cpu_chunk, project_block
 from pipeline.sources import open_source, resolve
@@ -37,6 +39,7 @@ ROOF_BLOCKS = (256, 512, 1024, 2048)
 ROOF_CHUNKS = (512, 1024, 4096)
 ROOF_SAMPLE = (2048, 16384)  # neurons × vocabulary rows timed per shape: the rate, not the size, matters
 SUSTAINED, FINALISTS = 2.0, 3  # the best shapes of the short runs are timed again in runs of seconds
+EXACT_SAMPLE = 256  # neurons of each partition checked against float64 logits (all of Gemma 3's: a minute)
 
 
 def interleaved_best(fns: dict, repeats: int) -> dict[str, float]:
@@ -124,6 +127,29 @@ def naive_layer(vectors: torch.Tensor, head: torch.Tensor, k: int) -> None:
     logits.std(1)
 
 
+def exactness(parts: list[torch.Tensor], head: torch.Tensor, h: Head, k: int, sample: int = EXACT_SAMPLE) -> str:
+    """Ours and the naive baseline against the reference on the first `sample` neurons of each partition:
+    float64 logits rounded to fp32, ordered by value then lower id, both ends."""
+    sides = same = naive_same = logits_equal = 0
+    for part in parts:
+        v = part[:sample]
+        exact = (v.double() @ head.double().T).float()  # what the atlas promises, whatever the compute dtype
+        ids = torch.arange(exact.shape[1]).expand_as(exact)
+        ours = project_block(v, h, k)
+        naive = v @ head.T
+        for sign, got_ids, got_logits in ((1, ours.top_ids, ours.top_logits), (-1, ours.bottom_ids, ours.bottom_logits)):
+            ref_values, ref_ids = sort_by_value_then_id(sign * exact, ids, k)
+            match = (got_ids == ref_ids).all(1)
+            sides += len(v)
+            same += int(match.sum())
+            logits_equal += int((match & (got_logits == sign * ref_values).all(1)).sum())
+            naive_same += int(((sign * naive).topk(k, dim=1).indices == ref_ids).all(1).sum())
+    return (f"   exactness, the first {sample} neurons of each partition against float64 logits rounded to fp32 (ties by "
+            f"lower id), top and bottom: ours has the reference's ids in order in {same} of {sides} lists, and its "
+            f"logits too in {logits_equal}; the naive fp32 baseline's ids in order in {naive_same} (its rounding "
+            f"swaps near-ties)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL)
@@ -183,6 +209,7 @@ def main() -> None:
               f"{flop_parts / t / roof:6.1%} of roofline")
     print(f"   speed-up over the naive baseline: {naive / lanes['ours']:.2f}×; "
           f"ours runs at {lanes['product'] / lanes['ours']:.1%} of its bare product")
+    print(exactness(parts, head, h, args.k))
 
     if args.skip_build:
         return
@@ -199,7 +226,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         wall, rss = fresh_build([args.model, "--out", tmp, "--force"])
     after = sustained_product()
+    startup = min(fresh_startup(args.model) for _ in range(2))
     rate, around = flop_model / wall, (before + after) / 2
+    ceiling = flop_model / (startup + flop_model / around)
     head_bytes = vocab * d * 4
     print(f"\n3. full `atlas build {args.model}` (read, project, top-k, statistics, Parquet), fresh process:")
     print(f"   wall {wall:.1f} s, {flop_model / 1e12:.2f} TFLOP → {rate / 1e9:.1f} GFLOP/s = {rate / roof:.1%} of the "
@@ -208,6 +237,9 @@ def main() -> None:
     print(f"   the bare product of every partition in lanes, right before and right after the build: "
           f"{before / 1e9:.1f} and {after / 1e9:.1f} GFLOP/s ({before / roof:.1%}, {after / roof:.1%} of the "
           f"roofline: the machine's rate around the build); the build ran at {rate / around:.1%} of their mean")
+    print(f"   the build's start-up alone (imports, source, token table, the head's copy and statistics, in a fresh "
+          f"process): {startup:.1f} s; with it and nothing but that bare product, a build would reach "
+          f"{ceiling / roof:.1%} of the roofline, so this one ran at {rate / ceiling:.1%} of that ceiling")
     print(f"   peak RSS {rss / 2**30:.2f} GiB (fp32 LM head alone {head_bytes / 2**30:.2f} GiB)")
 
 

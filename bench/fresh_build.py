@@ -1,4 +1,5 @@
-"""`atlas build` in a fresh process, timed, with the peak memory the build measures for itself.
+"""`atlas build` in a fresh process, timed, with the peak memory the build measures for itself; and a
+build's fixed start-up cost alone.
 
 The OS's peak for a child (`RUSAGE_CHILDREN`, and even the child's own `ru_maxrss`, which survives
 exec) also counts the pages the child shared with this parent at fork; the build reports its address
@@ -9,6 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -22,3 +24,23 @@ def fresh_build(args: list[str]) -> tuple[float, int]:
     if peak is None:
         raise SystemExit(f"atlas build printed no summary line:\n{done.stdout}{done.stderr}")
     return seconds, int(float(peak.group(1)) * 2**30)
+
+
+STARTUP = """
+import gc, sys
+from pathlib import Path
+from pipeline.atlas.job import AtlasJob
+from pipeline.config import AtlasConfig
+AtlasJob(AtlasConfig(model=sys.argv[1], out=Path(sys.argv[2]))).execute([], progress=False)
+gc.freeze()  # and exit as the CLI does
+"""
+
+
+def fresh_startup(model: str) -> float:
+    """Wall seconds of what a build does besides its partitions, in a new process: imports, opening and
+    hashing the source, the token table, the head's copy and statistics, loading the kernels, exiting
+    (the shard function given no partitions)."""
+    with tempfile.TemporaryDirectory() as out:  # a first build's: the source hashed, no cached digest
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", STARTUP, model, out], check=True, capture_output=True, text=True)
+        return time.perf_counter() - t0

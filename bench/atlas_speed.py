@@ -240,6 +240,9 @@ def main() -> None:
     print(f"   the build's start-up alone (imports, source, token table, the head's copy and statistics, in a fresh "
           f"process): {startup:.1f} s; with it and nothing but that bare product, a build would reach "
           f"{ceiling / roof:.1%} of the roofline, so this one ran at {rate / ceiling:.1%} of that ceiling")
+    if max(before, after) > roof:
+        print("   (the bare product ran faster around the build than in the roofline's runs: the roofline was timed in "
+              "a slow spell of the machine, so every ratio to it reads high)")
     print(f"   peak RSS {rss / 2**30:.2f} GiB (fp32 LM head alone {head_bytes / 2**30:.2f} GiB)")
 
 

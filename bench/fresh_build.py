@@ -29,9 +29,9 @@ def fresh_build(args: list[str]) -> tuple[float, int]:
 STARTUP = """
 import gc, sys
 from pathlib import Path
-from pipeline.atlas.job import AtlasJob
+from pipeline.atlas.engines import build_shard
 from pipeline.config import AtlasConfig
-AtlasJob(AtlasConfig(model=sys.argv[1], out=Path(sys.argv[2]))).execute([], progress=False)
+build_shard(AtlasConfig(model=sys.argv[1], out=Path(sys.argv[2])), [])
 gc.freeze()  # and exit as the CLI does
 """
 

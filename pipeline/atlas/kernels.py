@@ -109,18 +109,13 @@ def _mask(builder, lanes: ir.Value) -> ir.Value:
     return builder.zext(builder.bitcast(lanes, ir.IntType(lanes.type.count)), ir.IntType(64))
 
 
-def _compare(op: str):
-    """An intrinsic: the bit mask of `row[start:start + BLOCK] op bound` (bit i for row[start + i])."""
-    @intrinsic
-    def compare(typingctx, row, start, bound):
-        def codegen(context, builder, signature, args):
-            values = _block(context, builder, signature.args[0], args[0], args[1])
-            return _mask(builder, builder.fcmp_ordered(op, values, _splat(builder, args[2], values.type)))
-        return types.uint64(row, start, types.float32), codegen
-    return compare
-
-
-_equal = _compare("==")
+@intrinsic
+def _equal(typingctx, row, start, bound):
+    """The bit mask of `row[start:start + BLOCK] == bound` (bit i for row[start + i])."""
+    def codegen(context, builder, signature, args):
+        values = _block(context, builder, signature.args[0], args[0], args[1])
+        return _mask(builder, builder.fcmp_ordered("==", values, _splat(builder, args[2], values.type)))
+    return types.uint64(row, start, types.float32), codegen
 
 
 @intrinsic

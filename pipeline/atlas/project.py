@@ -80,7 +80,8 @@ def _sum_in_order(parts: Iterable[torch.Tensor]) -> torch.Tensor:
     """`Σ parts` in float64, in order (fp32 → float64 is exact)."""
     total = None
     for part in parts:
-        total = torch.zeros_like(part, dtype=torch.float64) if total is None else total
+        if total is None:
+            total = torch.zeros_like(part, dtype=torch.float64)
         total.add_(part)
     return total
 

@@ -49,15 +49,16 @@ def test_scan_keeps_the_c_largest_and_smallest_values_lower_ids_first_on_ties(ch
         assert np.array_equal(values, np.take_along_axis(x, order, 1))
 
 
-@pytest.mark.parametrize("rows_per_product", [None, 7])
-def test_scan_and_topk_candidates_agree_in_fp32_and_bf16(rows_per_product, monkeypatch):
+@pytest.mark.parametrize(("sets_hold", "n", "rows"), [(None, 30, 30), (7, 34, 7), (100, 70, 64)])
+def test_scan_and_topk_candidates_agree_in_fp32_and_bf16(sets_hold, n, rows, monkeypatch):
     g = torch.Generator().manual_seed(1)
-    head, vectors = torch.randn(2500, 64, generator=g), torch.randn(30, 64, generator=g)
+    head, vectors = torch.randn(2500, 64, generator=g), torch.randn(n, 64, generator=g)
     head[1000:1010] = head[5]  # duplicated rows tie exactly
-    if rows_per_product:  # at most 7 neurons a product: 30 rows in 5 equal products of 6 per chunk
-        monkeypatch.setattr(certified, "SETS_BYTES", rows_per_product * 2 * 64 * 12)
-    rows = certified.scan_rows(64, len(vectors))
-    assert rows == (6 if rows_per_product else len(vectors))
+    # the sets of at most `sets_hold` neurons fit: products of 7 (the last of 6), or of 64 and 6; a ragged
+    # product of 1 or 2 fp32 rows may sum in another order with its operands swapped, as topk has them
+    if sets_hold:
+        monkeypatch.setattr(certified, "SETS_BYTES", sets_hold * 2 * 64 * 12)
+    assert certified.scan_rows(64, len(vectors)) == rows
     for dtype in (torch.float32, torch.bfloat16):
         fast = FastHead.from_weight(head, dtype)
         v = vectors.to(dtype)

@@ -42,8 +42,8 @@ U_BF16 = 2.0 ** -8
 U_FP32 = 2.0 ** -24
 RESCORE_BYTES = 1 << 28  # float64 head rows gathered at a time by `bmm_rescore`
 SETS_BYTES = 384 << 10  # the scan's running sets of one product's neurons: within a core's L2, with room
-SCAN_ALIGN = 64  # neurons per product a multiple of this: the scan's bf16 step, and AMX ran products of 229
-#                  neurons 1.4× slower than of 256 (a block with riders split evenly had such widths)
+SCAN_ALIGN = kernels.BF16_STEP  # neurons per product a multiple of the scan's widest step (no ragged tail);
+#                                 AMX also ran products of 229 neurons 1.4× slower than of 256
 FLOOR_TAIL = 1 / 400  # a scan starts where a normal row has this share of the vocabulary above (z ≈ 2.8)…
 FLOOR_ABOVE = 2  # …or 2·c values, if more
 
@@ -204,7 +204,8 @@ def scan_rows(width: int, n: int) -> int:
     and int64 ids, both sides) within SETS_BYTES, in multiples of SCAN_ALIGN where that fits, so only the
     last product (a block's few riders) has a ragged width, which slows its product and its scan."""
     most = max(1, SETS_BYTES // (2 * width * 12))
-    return min(n, most // SCAN_ALIGN * SCAN_ALIGN or most) or 1
+    aligned = most // SCAN_ALIGN * SCAN_ALIGN or most  # sets too wide for SCAN_ALIGN neurons: as many as fit
+    return max(1, min(n, aligned))
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

@@ -47,6 +47,8 @@ from numba.extending import intrinsic
 BLOCK = 32  # values per vector compare of a running set, whose size is a multiple of it
 LANES = 8  # partial sums per dot product in `rescore`, a vector of doubles
 AHEAD = 8  # `rescore` prefetches the head row it will need this many dot products later
+BF16_STEP, FP32_STEP = 64, 32  # logits per step of the scan: one 64-bit mask per side; 64 fp32 values a
+#                                step were no faster
 _FAST = {"nnan", "nsz"}  # logits are never NaN; ±0 compare equal anyway
 
 
@@ -77,9 +79,8 @@ def _at(typingctx, row, index):
 
 
 def _span(array_type) -> int:
-    """Logits per step of the scan: 64 bf16 values (128 bytes, one 64-bit mask per side), 32 fp32 ones
-    (64 fp32 values a step were no faster)."""
-    return 64 if array_type.dtype == types.uint16 else 32
+    """Logits per step of the scan for the logits' type (bf16 held as uint16, or fp32)."""
+    return BF16_STEP if array_type.dtype == types.uint16 else FP32_STEP
 
 
 @intrinsic

@@ -150,13 +150,15 @@ def scan_floors(mean: torch.Tensor, std: torch.Tensor, c: int, vocab: int) -> Fl
 
 
 def topk_candidates(v: torch.Tensor, fast: FastHead, c: int, chunk: int) -> tuple[torch.Tensor, ...]:
-    """`candidates` by `topk` per chunk and a merge: any device."""
+    """`candidates` by `topk` per chunk and a merge: any device. `topk` reads the product's output as it is
+    (bf16: half the bytes of an fp32 copy, and half the radix passes), and only the values it keeps are
+    widened: the same values, since every bf16 value is an fp32 one."""
     top = bottom = None
     for s in range(0, fast.weight.shape[0], chunk):
-        a = (v @ fast.weight[s:s + chunk].to(v.dtype).T).float()  # [n, chunk]
+        a = v @ fast.weight[s:s + chunk].to(v.dtype).T  # [n, chunk]
         cc = min(c, a.shape[1])
         t, b = a.topk(cc, dim=1), a.topk(cc, dim=1, largest=False)  # no negated copy of the chunk
-        t, b = (t.values, t.indices + s), (-b.values, b.indices + s)
+        t, b = (t.values.float(), t.indices + s), (-b.values.float(), b.indices + s)
         top = t if top is None else _keep(top, t, c)
         bottom = b if bottom is None else _keep(bottom, b, c)
     return top[0], top[1], bottom[0], bottom[1]

@@ -63,8 +63,9 @@ bench: $(BIN)/atlas  ## speed and memory against this machine's roofline (bench/
 	$(BIN)/python bench/atlas_speed.py gemma3-270m
 	$(BIN)/python bench/llama8b_shape.py
 	@if $(BIN)/python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then \
+		$(BIN)/python bench/block_phases.py --device cuda && \
 		$(BIN)/python bench/llama8b_shape.py --layers 32 --neurons 14336 --device cuda; \
-	else echo "GPU: torch sees no CUDA device here, so the full 8B-shape build with --device cuda is skipped"; fi
+	else echo "GPU: torch sees no CUDA device here, so the 8B-shape block phases and full build with --device cuda are skipped"; fi
 	$(BIN)/python bench/query_speed.py
 	$(BIN)/python bench/circuit_speed.py $(MODEL)
 

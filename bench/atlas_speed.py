@@ -70,7 +70,7 @@ def bare_product(head: torch.Tensor, vectors: torch.Tensor, dtype: torch.dtype, 
     """A closure computing the logits in `dtype` in [block, chunk] pieces into one reused buffer: as the
     build does, `head rows @ vectorsᵀ` (token by token), or with `head_left` false `vectors @ head rowsᵀ`."""
     h, v = head.to(dtype), vectors.to(dtype)
-    buffer = torch.empty(block * chunk, dtype=dtype)
+    buffer = torch.empty(block * chunk, dtype=dtype, device=head.device)
 
     def run():
         for s in range(0, len(h), chunk):  # as the build: each chunk of the head times every block

@@ -14,29 +14,15 @@ to work on if the 8B build misses its target; `gpu_check.sh` runs it first. On a
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from atlas_speed import bare_product, best_time
 
 from pipeline.atlas import certified
 from pipeline.atlas.project import (ACCELERATOR_CHUNK, Head, _first_sides, candidate_count, cpu_chunk, project_block,
                                     quadratic_form)
 
 D_MODEL, VOCAB, FULL_NEURONS, FULL_PARTITIONS = 4096, 128256, 14336, 96
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """The best of `repeats` runs after a warm-up, in seconds, the device synchronised around each."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:
@@ -52,35 +38,35 @@ def main() -> None:
     head = (torch.randn(args.vocab, D_MODEL, generator=gen, device=device) * 0.02).bfloat16()
     vectors = torch.randn(args.neurons, D_MODEL, generator=gen, device=device) * 0.02
     dtype = certified.fastest_dtype(device, D_MODEL, args.vocab)
+    dtype_name = str(dtype).removeprefix("torch.")
     h = Head.from_weight(head, dtype)
     del head
     c = candidate_count(args.k, args.vocab, dtype)
     chunk = ACCELERATOR_CHUNK if device.type != "cpu" else cpu_chunk(D_MODEL, dtype)
-    low = vectors.to(dtype)
-
-    def product() -> None:
-        for s in range(0, args.vocab, chunk):
-            low @ h.fast.weight[s:s + chunk].T
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     with certified.exact_matmul():  # as the build runs: no TF32, no reduced-precision bf16 sums
         found = certified.candidates(vectors, h.fast, c, chunk)
         steps = {
-            f"bare {str(dtype).removeprefix('torch.')} product": product,
+            # as an accelerator's `topk_candidates` multiplies: the whole block by each chunk of the head
+            f"bare {dtype_name} product": bare_product(h.fast.weight, vectors, dtype, args.neurons, chunk, head_left=False),
             "candidates (product + top/bottom c)": lambda: certified.candidates(vectors, h.fast, c, chunk),
             "variances (fp32 quadratic form)": lambda: quadratic_form(vectors, h.cov),
             "settling both sides (bound, re-scoring)": lambda: _first_sides(vectors, h, args.k, found),
             "project_block (all of it)": lambda: project_block(vectors, h, args.k),
         }
-        seconds = {name: timed(fn, device, args.repeats) for name, fn in steps.items()}
+        # the device synchronised after each run: a run's queued work is timed in it
+        seconds = {name: best_time(lambda fn=fn: (fn(), sync()), args.repeats) for name, fn in steps.items()}
     blocks = FULL_PARTITIONS * FULL_NEURONS / args.neurons  # the full model's, in blocks of this size
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"one block of {args.neurons} neurons × {args.vocab} head rows (d {D_MODEL}) on {device} ({name}), "
-          f"{str(dtype).removeprefix('torch.')}, c = {c}, chunks of {chunk} rows, best of {args.repeats}"
+          f"{dtype_name}, c = {c}, chunks of {chunk} rows, best of {args.repeats}"
           f"{'; the full 8B as that many blocks' if args.vocab == VOCAB else ''}:")
     base = next(iter(seconds.values()))
     for step, t in seconds.items():
         full = f"  full 8B {t * blocks:6.1f} s" if args.vocab == VOCAB else ""
         print(f"   {step:42s} {t * 1e3:9.1f} ms  {t / base:5.2f}× the product{full}")
+
 
 if __name__ == "__main__":
     main()

@@ -41,7 +41,7 @@ def main() -> None:
     dtype_name = str(dtype).removeprefix("torch.")
     h = Head.from_weight(head, dtype)
     del head
-    c = candidate_count(args.k, args.vocab, dtype)
+    c = candidate_count(args.k, args.vocab, dtype, device=device)
     chunk = ACCELERATOR_CHUNK if device.type != "cpu" else cpu_chunk(D_MODEL, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 

@@ -161,6 +161,76 @@ def test_bf16_error_bound_holds_for_every_logit():
     assert (slack >= 0).all() and ((exact - approx.double()).abs().max(1).values > eps.double() / 20).all()
 
 
+def truncating_block_sums(x: np.ndarray, y: np.ndarray, block: int) -> np.ndarray:
+    """Row-wise dot products of bf16 values as the least precise tensor cores modelled: each step adds
+    `block` exact products to the fp32 accumulator, every term aligned to the largest with the bits below
+    its 24 dropped, and the sum truncated to 24 bits (no extra bits, rounding toward zero)."""
+    def truncate(values: np.ndarray, top: np.ndarray) -> np.ndarray:
+        step = np.exp2(np.frexp(top)[1] - 24.0)[:, None]  # one unit in the 24th bit of `top`
+        return np.trunc(values / step) * step  # exact in float64: every value is a 24-bit multiple of step or less
+
+    products = x * y  # exact: 8-bit significands
+    acc = np.zeros((len(x), 1))
+    for s in range(0, x.shape[1], block):
+        terms = np.concatenate([acc, products[:, s:s + block]], 1)
+        aligned = truncate(terms, np.abs(terms).max(1)).sum(1)
+        acc = truncate(aligned[:, None], np.abs(aligned))
+    return acc[:, 0]
+
+
+def test_the_accelerator_bound_covers_truncating_tensor_core_sums():
+    """A GPU's bf16 products are summed in blocks with truncation, not rounded to nearest: the bound
+    counts 5d roundings there against the CPU's d. Vectors whose every product after the first falls just
+    short of the accumulator's last bit lose all of them, about 2d·2⁻²⁴ of the logit: more than the CPU's
+    bound allows, within the accelerator's, at every block size; rounding to nearest loses almost none.
+    Random vectors of every scale stay within it too."""
+    g = torch.Generator().manual_seed(11)
+    d = 256
+    edge = torch.full((3, d), 2.0 ** -12), torch.full((2, d), (1 - 2 ** -8) * 2.0 ** -11)
+    edge[0][:, 0] = edge[1][:, 0] = 1.0
+    edge[1][1, 1::2] *= -1
+    spread = torch.logspace(-3, 3, 20)[:, None]
+    cases = {"edge": edge, "random": (torch.randn(20, d, generator=g).bfloat16().float() * spread,
+                                       torch.randn(30, d, generator=g).bfloat16().float())}
+    for name, (vectors, head) in cases.items():
+        row, col = (ix.ravel().numpy() for ix in torch.meshgrid(torch.arange(len(vectors)), torch.arange(len(head)),
+                                                                indexing="ij"))
+        x, y = vectors.double().numpy()[row], head.double().numpy()[col]
+        exact = (x * y).sum(1)
+        fast = FastHead.from_weight(head, torch.float32)  # the accumulation alone: inputs exact, fp32 output
+        bound = {dev: certified.error_bound(vectors, fast, torch.zeros(len(vectors)), torch.device(dev)).numpy()[row]
+                 for dev in ("cpu", "cuda")}
+        for block in (1, 2, 4, 8, 16, 32):
+            error = np.abs(truncating_block_sums(x, y, block) - exact)
+            assert (error <= bound["cuda"]).all()
+            if name == "edge":
+                assert (error[col == 0] > bound["cpu"][col == 0]).all()
+        nearest = np.zeros(len(x), dtype=np.float32)
+        for i in range(d):
+            nearest = (nearest + x[:, i] * y[:, i]).astype(np.float32)  # each product added, rounded to nearest
+        assert (np.abs(nearest - exact) <= bound["cpu"]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_neurons_too_small_for_fp32_squares_are_exact(head_with_ties, dtype):
+    """Weights near 1e-30 have fp32 squares of 0, and bf16 products flush below 1e-38: their norms are
+    summed in float64, the bound allows for what flushing loses, and the statistics come from float64."""
+    g = torch.Generator().manual_seed(12)
+    scales = torch.tensor([1.0, 1e-20, 1e-30, 1e-38, 1e-41]).repeat_interleave(3)
+    vectors = torch.randn(len(scales), 48, generator=g) * scales[:, None]
+    p = project_block(vectors, Head.from_weight(head_with_ties, dtype), k=12)
+    logits, top, bottom = reference(vectors, head_with_ties, 12)
+    assert np.array_equal(p.top_ids.numpy(), top) and np.array_equal(p.bottom_ids.numpy(), bottom)
+    stored = logits.astype(np.float32)
+    np.testing.assert_array_equal(p.top_logits.numpy(), np.take_along_axis(stored, top, 1))
+    np.testing.assert_array_equal(p.bottom_logits.numpy(), np.take_along_axis(stored, bottom, 1))
+    std = logits.std(1)
+    np.testing.assert_allclose(p.std.double().numpy(), std, rtol=1e-4)
+    assert (np.abs(p.mean.double().numpy() - logits.mean(1)) <= 1e-4 * std).all()
+    np.testing.assert_allclose(p.norm.double().numpy(), vectors.double().norm(dim=1).numpy(), rtol=1e-6,
+                               atol=2.0 ** -149)  # 1e-41 is below fp32's normal range: its norm has fewer bits
+
+
 def crowded(head_with_ties: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A head with ten rows closer than bf16 can tell apart, and 64 vectors among which a dead neuron, one
     aligned with the duplicated rows and one whose top tokens are the ten near-tied rows."""

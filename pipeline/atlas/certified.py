@@ -8,7 +8,9 @@ for fp32, whose rounding the accumulation term covers), each approximate logit `
 
     |w·h − a| ≤ ‖ŵ‖‖δh‖ + ‖δw‖(‖ĥ‖ + ‖δh‖) + γ_d ‖ŵ‖‖ĥ‖ + u|w·h|,      γ_d = d·2⁻²⁴ / (1 − d·2⁻²⁴)
 
-(Cauchy–Schwarz on the rounding terms; Higham's bound for an fp32 dot product of length d). The
+(Cauchy–Schwarz on the rounding terms; Higham's bound for an fp32 dot product of length d, on an
+accelerator's truncating block sums 5d in place of d: `accumulation_roundings`; plus what flushing
+values below fp32's normal range to zero may lose: `error_bound`). The
 maxima over the vocabulary give one bound ε per neuron. Keep the c > k best approximate tokens and
 re-score the k leading ones with float64 sums: the smallest of their exact logits, L₀, is at most the
 exact k-th logit of the row. A token can be in the exact top-k only if its exact logit reaches L₀, so
@@ -41,6 +43,9 @@ from pipeline.atlas import kernels
 
 U_BF16 = 2.0 ** -8
 U_FP32 = 2.0 ** -24
+MIN_NORMAL = 2.0 ** -126  # fp32's and bf16's: below it hardware may flush inputs, sums and outputs to zero
+TINY_NORM = 2.0 ** -40  # rows whose fp32 norm is below this are summed again in float64 (`row_norms`)
+ACCELERATOR_ROUNDINGS = 5  # per product term, in units of 2⁻²⁴ of Σ|ŵᵢĥᵢ| (`accumulation_roundings`)
 RESCORE_BYTES = 1 << 28  # float64 head rows gathered at a time by `bmm_rescore`
 SETS_BYTES = 384 << 10  # the scan's running sets of one product's neurons: within a core's L2, with room
 SCAN_ALIGN = kernels.BF16_STEP  # neurons per product a multiple of the scan's widest step (no ragged tail);
@@ -102,21 +107,52 @@ class FastHead:
         return FastHead(exact, self.row_norm + self.row_error, 0.0, 0.0, torch.float32)  # ‖h‖ ≤ ‖ĥ‖ + ‖δh‖
 
 
-def error_bound(vectors: torch.Tensor, fast: FastHead, max_abs_logit: torch.Tensor) -> torch.Tensor:
-    """`[n]` float64 bound on |exact − approximate| logit for each neuron over the whole vocabulary."""
+def error_bound(vectors: torch.Tensor, fast: FastHead, max_abs_logit: torch.Tensor,
+                device: torch.device | None = None) -> torch.Tensor:
+    """`[n]` float64 bound on |exact − approximate| logit for each neuron over the whole vocabulary, for a
+    product run on `device` (default: the vectors')."""
     d = vectors.shape[1]
     v_low = vectors.to(fast.dtype).float()
-    v_norm, v_err = _row_norms(v_low).double(), _row_norms(vectors - v_low).double()
-    gamma = d * U_FP32 / (1 - d * U_FP32)
+    v_norm, v_err = _row_norms(v_low), _row_norms(vectors - v_low)
+    sums = accumulation_roundings(d, device or vectors.device)
+    gamma = sums * U_FP32 / (1 - sums * U_FP32)
     pre = v_norm * fast.row_error + v_err * (fast.row_norm + fast.row_error) + gamma * v_norm * fast.row_norm
+    # flushed to zero: inputs below the normal range (< MIN_NORMAL·Σ|other factor| ≤ MIN_NORMAL·√d·‖other‖),
+    # products and sums (< MIN_NORMAL each), and the output
+    pre = pre + MIN_NORMAL * (d ** 0.5 * (v_norm + fast.row_norm) + d + sums + 1)
     # output rounding: u·|exact| ≤ u·(|a| + pre), |a| at most the largest |a| seen; /(1−u) covers the rest
     u = fast.roundoff
     return (pre + u * (max_abs_logit.double() + pre)) / (1 - u)
 
 
+def accumulation_roundings(d: int, device: torch.device) -> int:
+    """n such that an fp32 accumulation of d products on `device` is off by less than n·2⁻²⁴·Σ|ŵᵢĥᵢ|.
+
+    A CPU BLAS adds in fp32 rounded to nearest (FMA; AVX-512 BF16 and AMX dot products), so Higham's d.
+    GPU tensor cores add a block of b products to the accumulator in one step, aligned to the largest
+    term with the bits shifted out dropped and the sum truncated (Fasi et al. 2021 on V100 to A100;
+    Khattak and Mikaitis 2025 model H100 and B200, whose widths differ and are undocumented). A step
+    then loses less than 2⁻²³ of its largest term for each of b terms and 2⁻²³ of its sum, so under
+    (b + 1)·2⁻²³ of its terms' absolute sum, and ⌈d/b⌉ steps under (4d + 4)·2⁻²⁴·Σ|ŵᵢĥᵢ| whatever b is;
+    with the inner dimension split into s partial sums (each at least one MMA's 16 long) added in fp32,
+    under (4d + 6s)·2⁻²⁴ ≤ ACCELERATOR_ROUNDINGS·d·2⁻²⁴. A test emulates such sums at b = 1 to 32."""
+    return d if device.type == "cpu" else ACCELERATOR_ROUNDINGS * d
+
+
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """Each row's Euclidean norm in float64: the fp32 norm, but summed in float64 for rows below TINY_NORM,
+    whose squares fp32 may have lost to underflow (a neuron of weights near 1e-30 has an fp32 norm of 0)."""
+    norms = x.norm(dim=1).double()
+    tiny = norms < TINY_NORM
+    if tiny.any():
+        norms[tiny] = x[tiny].double().norm(dim=1)
+    return norms
+
+
 def _row_norms(x: torch.Tensor) -> torch.Tensor:
-    """fp32 row norms raised by (1 + (d+2)·2⁻²⁴), which covers their own rounding (a sum of d squares)."""
-    return x.norm(dim=1) * (1 + (x.shape[1] + 2) * U_FP32)
+    """`row_norms` raised by (1 + (d+2)·2⁻²⁴), which covers their own rounding (a sum of d squares; the
+    squares fp32 may flush to zero in a row above TINY_NORM change its norm by under d·2⁻⁴⁶ of it)."""
+    return row_norms(x) * (1 + (x.shape[1] + 2) * U_FP32)
 
 
 def candidates(vectors: torch.Tensor, fast: FastHead, c: int, chunk: int, floors: Floors | None = None

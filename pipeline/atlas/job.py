@@ -32,7 +32,7 @@ from tqdm import tqdm
 from pipeline import __version__
 from pipeline.arch import ArchAdapter
 from pipeline.atlas import kernels, schema
-from pipeline.atlas.certified import exact_matmul, fastest_dtype
+from pipeline.atlas.certified import exact_matmul, fastest_dtype, row_norms
 from pipeline.atlas.engines import run_engine
 from pipeline.atlas.lanes import Feed, lane_pool, lane_shape, to_device
 from pipeline.atlas.project import PRODUCT_BLOCK, Head, Projection, fold_gain, project_blocks
@@ -214,7 +214,7 @@ class AtlasJob:
         stored = to_device(stored, self.device).float()
         vectors = stored.T.contiguous() if transposed else stored
         gain = self._gain("mlp_norm", part.layer) if self.cfg.norm == "both" and part.matrix != "down" else None
-        return fold_gain(vectors, gain, self.cfg.center), vectors.norm(dim=1)
+        return fold_gain(vectors, gain, self.cfg.center), row_norms(vectors).float()
 
     def _head(self) -> Head:
         """The head read a chunk of rows at a time, so a bf16 checkpoint's is held once, in bf16."""

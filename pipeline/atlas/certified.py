@@ -24,7 +24,8 @@ times the candidates, in the compute dtype (the crowd often fits) and then, for 
 fp32 over the exact head, whose bound is the accumulation's alone; rows that still fail (exact ties at
 the cut, dead neurons) are settled from float64 logits of the whole vocabulary.
 Either way the atlas is the same on every device and dtype: the order of the true logits, stored in
-fp32.
+fp32 (as float64 sums rounded once, which another summation order could round differently only within
+float64's error of an fp32 rounding boundary).
 """
 from __future__ import annotations
 

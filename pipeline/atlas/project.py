@@ -272,8 +272,10 @@ def candidate_count(k: int, vocab: int, dtype: torch.dtype, candidates: int | No
                     device: torch.device = torch.device("cpu")) -> int:
     """Candidates per side of the first pass: `candidates` or k + EXTRA_CANDIDATES, raised to a multiple
     of the scan's block (it keeps that many anyway). On an accelerator k + ACCELERATOR_EXTRA: its bound
-    counts 5d roundings of the sums for the CPU's d (certified.accumulation_roundings), 25% more at Llama
-    3.1 8B's d = 4,096, and of 256 random 8B-shape rows (bf16) k + 44 left 222 unproven, k + 108 none."""
+    counts 5d roundings of the sums for the CPU's d (certified.accumulation_roundings). Of 256 random
+    8B-shape neurons over an fp32 head (rows bf16 rounds: an fp32 checkpoint, folded gains), k + 44 left
+    222 unproven (64 with the CPU's count), k + 108 none; in real builds with the accelerator's steps on
+    CPU tensors, k + 108 left 0 SmolLM2 rows of 13,824 and 1 Gemma 3 row of 12,288 to retry."""
     extra = EXTRA_CANDIDATES[dtype] if device.type == "cpu" else ACCELERATOR_EXTRA
     c = candidates or k + extra
     return max(k, min(vocab, kernels.set_width(c)))

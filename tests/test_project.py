@@ -211,10 +211,20 @@ def test_the_accelerator_bound_covers_truncating_tensor_core_sums():
         assert (np.abs(nearest - exact) <= bound["cpu"]).all()
 
 
+def accelerator_steps(monkeypatch) -> None:
+    """What a GPU runs, on CPU tensors: `topk` per chunk (no floors) and float64 re-scoring of gathered rows."""
+    topk = certified.topk_candidates
+    monkeypatch.setattr(certified, "scan_candidates", lambda v, fast, c, chunk, floors=None: topk(v, fast, c, chunk))
+    monkeypatch.setattr(certified, "rescore", certified.bmm_rescore)
+
+
+@pytest.mark.parametrize("accelerator", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_neurons_too_small_for_fp32_squares_are_exact(head_with_ties, dtype):
+def test_neurons_too_small_for_fp32_squares_are_exact(head_with_ties, dtype, accelerator, monkeypatch):
     """Weights near 1e-30 have fp32 squares of 0, and bf16 products flush below 1e-38: their norms are
     summed in float64, the bound allows for what flushing loses, and the statistics come from float64."""
+    if accelerator:
+        accelerator_steps(monkeypatch)
     g = torch.Generator().manual_seed(12)
     scales = torch.tensor([1.0, 1e-20, 1e-30, 1e-38, 1e-41]).repeat_interleave(3)
     vectors = torch.randn(len(scales), 48, generator=g) * scales[:, None]
@@ -273,9 +283,7 @@ def test_the_accelerators_candidates_and_rescoring_give_the_exact_atlas_through_
                                                                                       monkeypatch):
     """What a GPU runs (`topk` per chunk, float64 re-scoring of gathered rows; no floors, so no short rows)
     through blocks of a stream, its retries included, here on CPU tensors."""
-    topk = certified.topk_candidates
-    monkeypatch.setattr(certified, "scan_candidates", lambda v, fast, c, chunk, floors=None: topk(v, fast, c, chunk))
-    monkeypatch.setattr(certified, "rescore", certified.bmm_rescore)
+    accelerator_steps(monkeypatch)
     head, vectors = crowded(head_with_ties)
     parts = project_blocks(vectors.split(24), Head.from_weight(head, torch.bfloat16), k=12, chunk=1000,
                            candidates=candidates)

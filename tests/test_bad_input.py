@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 from transformers import OPTConfig, OPTForCausalLM
 
 from pipeline.sources import ResolvedModel, resolve
@@ -63,6 +64,21 @@ def test_not_a_gguf_file(tmp_path):
     bogus = tmp_path / "m.gguf"
     bogus.write_bytes(b"hello world, definitely not GGUF" * 10)
     assert_one_line_error(run_cli("build", bogus, "--out", tmp_path / "out"), 1, "not a readable GGUF")
+
+
+@pytest.mark.parametrize("tensor, value, where", [
+    ("model.layers.1.mlp.up_proj.weight", float("nan"), "the up matrix of layer 1"),
+    ("lm_head.weight", float("inf"), "the LM head"),
+])
+def test_weights_that_are_not_finite(model_dir, tmp_path, tensor, value, where):
+    """A broken checkpoint (a diverged training run's NaN) is named, not turned into a wrong atlas or a
+    traceback; the partitions finished before it stay complete."""
+    folder = shutil.copytree(model_dir("llama", tie=False), tmp_path / "model")
+    weights = load_file(folder / "model.safetensors")
+    weights[tensor][3, 2] = value
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    assert_one_line_error(run_cli("build", folder, "--out", tmp_path / "out", "-q"), 1, where, "not finite")
+    assert not list((tmp_path / "out").rglob("*.tmp"))
 
 
 def test_tokenizer_of_another_model(model_dir, tmp_path):

@@ -220,13 +220,14 @@ def accelerator_steps(monkeypatch) -> None:
 
 @pytest.mark.parametrize("accelerator", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_neurons_too_small_for_fp32_squares_are_exact(head_with_ties, dtype, accelerator, monkeypatch):
-    """Weights near 1e-30 have fp32 squares of 0, and bf16 products flush below 1e-38: their norms are
-    summed in float64, the bound allows for what flushing loses, and the statistics come from float64."""
+def test_neurons_beyond_fp32_squares_are_exact(head_with_ties, dtype, accelerator, monkeypatch):
+    """Weights near 1e-30 have fp32 squares of 0 and near 1e20 infinite ones, and bf16 products flush below
+    1e-38: such rows' norms are summed in float64, the bound allows for what flushing loses, and their
+    statistics come from float64."""
     if accelerator:
         accelerator_steps(monkeypatch)
     g = torch.Generator().manual_seed(12)
-    scales = torch.tensor([1.0, 1e-20, 1e-30, 1e-38, 1e-41]).repeat_interleave(3)
+    scales = torch.tensor([1.0, 1e-20, 1e-30, 1e-38, 1e-41, 1e20, 1e30]).repeat_interleave(3)
     vectors = torch.randn(len(scales), 48, generator=g) * scales[:, None]
     p = project_block(vectors, Head.from_weight(head_with_ties, dtype), k=12)
     logits, top, bottom = reference(vectors, head_with_ties, 12)

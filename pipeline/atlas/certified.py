@@ -45,7 +45,8 @@ from pipeline.atlas import kernels
 U_BF16 = 2.0 ** -8
 U_FP32 = 2.0 ** -24
 MIN_NORMAL = 2.0 ** -126  # fp32's and bf16's: below it hardware may flush inputs, sums and outputs to zero
-TINY_NORM = 2.0 ** -40  # rows whose fp32 norm is below this are summed again in float64 (`row_norms`)
+TINY_NORM = 2.0 ** -40  # rows whose fp32 norm is below this (fp32 squares may underflow)…
+HUGE_NORM = 2.0 ** 60  # …or above it (they may overflow) are summed again in float64 (`row_norms`)
 ACCELERATOR_ROUNDINGS = 5  # per product term, in units of 2⁻²⁴ of Σ|ŵᵢĥᵢ| (`accumulation_roundings`)
 RESCORE_BYTES = 1 << 28  # float64 head rows gathered at a time by `bmm_rescore`
 SETS_BYTES = 384 << 10  # the scan's running sets of one product's neurons: within a core's L2, with room
@@ -81,9 +82,10 @@ class FastHead:
                   chunk: int = 8192) -> tuple[FastHead, torch.Tensor]:
         """The fast head from the fp32 head read `chunk` rows at a time, and the exact head: the fast copy
         itself where it holds every row exactly (a bf16 checkpoint's head), else an fp32 copy. Either way
-        no full-size temporary: a head of GBs is held once, or once in each dtype."""
+        no full-size temporary: a head of GBs is held once, or once in each dtype. A row that is not finite
+        makes `row_norm` not finite."""
         low = exact = None
-        norm = err = 0.0
+        norms, err = [], 0.0
         for s in range(0, vocab, chunk):
             rows = read(slice(s, min(s + chunk, vocab))).float()
             if low is None:
@@ -91,7 +93,7 @@ class FastHead:
             lo = low[s:s + len(rows)]
             lo.copy_(rows)
             wide = lo.float()
-            norm = max(norm, float(_row_norms(wide).max()))
+            norms.append(_row_norms(wide).max())
             if dtype != torch.float32:  # h − ĥ is exact in fp32: ĥ is h rounded
                 err = max(err, float(_row_norms(rows - wide).max()))
             if exact is None and err > 0:  # the first row the fast copy rounds: keep fp32 from here on
@@ -99,7 +101,7 @@ class FastHead:
                 exact[:s] = low[:s]
             if exact is not None:
                 exact[s:s + len(rows)] = rows
-        fast = cls(low, norm, err, U_BF16 if dtype == torch.bfloat16 else 0.0, dtype)
+        fast = cls(low, float(torch.stack(norms).max()), err, U_BF16 if dtype == torch.bfloat16 else 0.0, dtype)
         return fast, low if exact is None else exact
 
     def in_fp32(self, exact: torch.Tensor) -> FastHead:
@@ -141,18 +143,26 @@ def accumulation_roundings(d: int, device: torch.device) -> int:
 
 
 def row_norms(x: torch.Tensor) -> torch.Tensor:
-    """Each row's Euclidean norm in float64: the fp32 norm, but summed in float64 for rows below TINY_NORM,
-    whose squares fp32 may have lost to underflow (a neuron of weights near 1e-30 has an fp32 norm of 0)."""
+    """Each row's Euclidean norm in float64: the fp32 norm, but summed in float64 for rows `beyond_fp32`,
+    whose fp32 squares may underflow or overflow (a neuron of weights near 1e-30 has an fp32 norm of 0,
+    one near 1e20 an infinite one). Not finite only where the row is not."""
     norms = x.norm(dim=1).double()
-    tiny = norms < TINY_NORM
-    if tiny.any():
-        norms[tiny] = x[tiny].double().norm(dim=1)
+    beyond = beyond_fp32(norms)
+    if beyond.any():
+        norms[beyond] = x[beyond].double().norm(dim=1)
     return norms
+
+
+def beyond_fp32(norms: torch.Tensor) -> torch.Tensor:
+    """Rows whose norm is outside [TINY_NORM, HUGE_NORM), or not a number: their squares and quadratic
+    forms need float64."""
+    return ~((norms >= TINY_NORM) & (norms < HUGE_NORM))
 
 
 def _row_norms(x: torch.Tensor) -> torch.Tensor:
     """`row_norms` raised by (1 + (d+2)·2⁻²⁴), which covers their own rounding (a sum of d squares; the
-    squares fp32 may flush to zero in a row above TINY_NORM change its norm by under d·2⁻⁴⁶ of it)."""
+    squares fp32 may flush to zero in a row above TINY_NORM change its norm by under d·2⁻⁴⁶ of it; below
+    HUGE_NORM none overflows)."""
     return row_norms(x) * (1 + (x.shape[1] + 2) * U_FP32)
 
 
@@ -279,7 +289,7 @@ def settle(vectors: torch.Tensor, weight: torch.Tensor, approx: torch.Tensor, id
     upper = approx.double() + eps.double()[:, None]  # ≥ the exact logit of each candidate
     reach = (upper >= _ulp_below(first.min(1, keepdim=True).values)).sum(1)  # ≥ k: the first k reach
     # a row whose every candidate reaches is unlikely to be proven: it must not widen the others' work
-    m = int(reach[reach < c].max()) if (reach < c).any() else c
+    m = max(k, int(reach[reach < c].max())) if (reach < c).any() else c  # k: logits beyond fp32 read NaN bounds
     pending = torch.arange(k, m, device=ids.device) < reach[:, None]  # each row scores only its own reach
     rest = sign * rescore(vectors, weight, ids[:, k:m].where(pending, -1))
     exact = torch.cat([first, rest.masked_fill(~pending, -torch.inf)], 1)

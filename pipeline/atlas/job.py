@@ -11,6 +11,7 @@ vectors only, to be written once the next one's scan has carried those rows (pro
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -214,7 +215,11 @@ class AtlasJob:
         stored = to_device(stored, self.device).float()
         vectors = stored.T.contiguous() if transposed else stored
         gain = self._gain("mlp_norm", part.layer) if self.cfg.norm == "both" and part.matrix != "down" else None
-        return fold_gain(vectors, gain, self.cfg.center), row_norms(vectors).float()
+        norms = row_norms(vectors)  # in float64 for extreme rows: not finite only where a weight is not
+        if not bool(torch.isfinite(norms).all()):
+            raise AtlasError(f"{self.model}: the {part.matrix} matrix of layer {part.layer} has weights that are "
+                             f"not finite (NaN or inf): a broken checkpoint?")
+        return fold_gain(vectors, gain, self.cfg.center), norms.float()
 
     def _head(self) -> Head:
         """The head read a chunk of rows at a time, so a bf16 checkpoint's is held once, in bf16."""
@@ -224,7 +229,11 @@ class AtlasJob:
             weight = to_device(self.adapter.head(rows, self._compact), self.device).float()
             return weight if gain is None else weight.mul_(gain)  # W_U (g ⊙ w) = (W_U ⊙ g) w
 
-        return Head.from_rows(read, self.vocab, getattr(torch, self.dtype))
+        head = Head.from_rows(read, self.vocab, getattr(torch, self.dtype))
+        if not math.isfinite(head.fast.row_norm):
+            raise AtlasError(f"{self.model}: the LM head has weights that are not finite (NaN or inf): "
+                             f"a broken checkpoint?")
+        return head
 
     def _write(self, part: Partition, blocks: list[Projection], texts: pa.Array) -> None:
         meta = {**self.provenance(), "matrix": part.matrix, "layer": part.layer}

@@ -120,14 +120,14 @@ def quadratic_form(x: torch.Tensor, sym: torch.Tensor) -> torch.Tensor:
 
 
 def logit_statistics(vectors: torch.Tensor, head: Head) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each row's logit mean and std over the vocabulary, and its norm, in fp32; rows below
-    certified.TINY_NORM in float64, since their fp32 squares underflow (std and norm would read 0)."""
+    """Each row's logit mean and std over the vocabulary, and its norm, in fp32; rows `certified.beyond_fp32`
+    in float64, since their fp32 squares underflow or overflow (std would read 0 or inf)."""
     mean, var, norm = vectors @ head.mean, quadratic_form(vectors, head.cov), certified.row_norms(vectors)
-    tiny = (norm < certified.TINY_NORM).nonzero().squeeze(1)
-    if len(tiny):
-        v = vectors[tiny].double()
-        mean[tiny] = (v @ head.mean.double()).float()
-        var = var.double().index_put_((tiny,), quadratic_form(v, head.cov.double()))  # ~1e-60: fp32 would read 0
+    beyond = certified.beyond_fp32(norm).nonzero().squeeze(1)
+    if len(beyond):
+        v = vectors[beyond].double()
+        mean[beyond] = (v @ head.mean.double()).float()
+        var = var.double().index_put_((beyond,), quadratic_form(v, head.cov.double()))  # 1e-60 or 1e50: not fp32
     return mean, var.clamp_min(0).sqrt().float(), norm.float()
 
 

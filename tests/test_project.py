@@ -349,8 +349,9 @@ def test_rows_left_unproven_are_settled_in_bf16_then_fp32_with_wider_candidates_
         head_with_ties, monkeypatch, bf16_checkpoint):
     """Only rows that need it pay, each in the cheapest pass that proves it. A cut inside a crowd of 41
     head rows closer than bf16 resolves is settled by bf16 with four times the candidates (the crowd fits);
-    a crowd of 201 by fp32 over the exact head (fp32, or a bf16 checkpoint's head kept in bf16); a dead
-    neuron (every logit tied) from float64 logits."""
+    a crowd of 201 by fp32 over the exact head (fp32, or a bf16 checkpoint's head kept in bf16); a cut
+    inside 131 identical head rows (exact ties, more than any pass's candidates) from float64 logits; a
+    dead neuron (every logit exactly 0) from its first k ids, without a pass."""
     head = head_with_ties.clone()
     g = torch.Generator().manual_seed(7)
     crowds = {60: range(1000, 1040), 80: range(1100, 1300)}
@@ -366,10 +367,12 @@ def test_rows_left_unproven_are_settled_in_bf16_then_fp32_with_wider_candidates_
     else:
         for centre, rows in crowds.items():  # far closer than bf16 resolves, far wider than fp32's bound
             head[rows] = head[centre] + 1e-3 * torch.randn(len(rows), 48, generator=g)
+    head[1300:1430] = head[90]
     vectors = torch.randn(50, 48, generator=g)
     vectors[3] = head[60] * 3  # its top 12 lie among the 41 near-ties
     vectors[4] = 0
     vectors[5] = head[80] * 3  # its top 12 lie among the 201
+    vectors[6] = head[90] * 3  # its top 131 tie exactly
     seen = {}
     candidates, float64 = certified.candidates, project._float64_topk
 
@@ -389,7 +392,7 @@ def test_rows_left_unproven_are_settled_in_bf16_then_fp32_with_wider_candidates_
     np.testing.assert_array_equal(p.top_logits.numpy(), np.take_along_axis(logits, top, 1).astype(np.float32))
     (c16, dtype16, rows16), (c32, dtype32, rows32) = seen["projected again"]
     assert (c16, dtype16, c32, dtype32) == (128, torch.bfloat16, 128, torch.float32)
-    assert {3, 4, 5} <= set(rows16) and rows32 == [4, 5] and seen["float64"] == [1]
+    assert {3, 5, 6} <= set(rows16) and 4 not in rows16 and rows32 == [5, 6] and seen["float64"] == [1]
 
 
 def test_logits_within_fp32_rounding_are_ordered_by_their_true_values():

@@ -22,7 +22,8 @@ instead of a_k − ε halves the margin the candidates must clear, so a third as
 where the margin does not hold (a crowd of near-equal logits at the cut) are projected again with four
 times the candidates, in the compute dtype (the crowd often fits) and then, for those still open, in
 fp32 over the exact head, whose bound is the accumulation's alone; rows that still fail (exact ties at
-the cut, dead neurons) are settled from float64 logits of the whole vocabulary.
+the cut) are settled from float64 logits of the whole vocabulary. A dead neuron (a zero vector: every
+logit exactly 0) takes the first k ids, without a pass.
 Either way the atlas is the same on every device and dtype: the order of the true logits, stored in
 fp32 (as float64 sums rounded once, which another summation order could round differently only within
 float64's error of an fp32 rounding boundary).

@@ -44,6 +44,8 @@ def test_top_and_bottom_ids_match_brute_force_whatever_the_chunking(head_with_ti
     np.testing.assert_allclose(p.top_logits.numpy(), np.take_along_axis(logits, top, 1), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(p.bottom_logits.numpy(), np.take_along_axis(logits, bottom, 1), rtol=1e-5, atol=1e-5)
     assert p.top_ids[5].tolist() == list(range(12))  # all tied: lowest ids first
+    for logits in (p.top_logits[5], p.bottom_logits[5]):  # 0, as the float64 product gives it: not −0
+        assert torch.equal(logits, torch.zeros(12)) and not logits.signbit().any()
     assert p.top_ids[9, :5].tolist() == [3, 7, 10, 2500, 2999]
 
 

@@ -316,7 +316,7 @@ def _again(vectors: torch.Tensor, head: Head, k: int, c: int, chunk: int
     if len(live) < len(vectors):
         first = torch.arange(min(k, len(head.weight)), device=vectors.device).expand(len(vectors), -1).contiguous()
         zeros = torch.zeros(first.shape, device=vectors.device)
-        sides = (zeros, first, zeros.clone(), first.clone())  # the dead rows' answer; the live rows' written over it
+        sides = (zeros, first, -zeros, first.clone())  # the dead rows' answer (bottom negated); the live rows' over it
         if len(live):
             _fill(sides, live, _again(vectors[live], head, k, c, chunk))
         return sides[:2], sides[2:]

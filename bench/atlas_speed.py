@@ -241,7 +241,7 @@ def main() -> None:
 
     before = sustained_product()
     with tempfile.TemporaryDirectory() as tmp:
-        wall, rss = fresh_build([args.model, "--out", tmp, "--force"])
+        wall, rss, _ = fresh_build([args.model, "--out", tmp, "--force"])
     after = sustained_product()
     again = rates[roof_dtype].again()  # a roofline timed in a slow spell would flatter every ratio to it
     startup = min(fresh_startup(args.model) for _ in range(2))

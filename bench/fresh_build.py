@@ -1,5 +1,5 @@
-"""`atlas build` in a fresh process, timed, with the peak memory the build measures for itself; and a
-build's fixed start-up cost alone.
+"""`atlas build` in a fresh process, timed, with the peak memory and the lanes' time the build measures for
+itself; and a build's fixed start-up cost alone.
 
 The OS's peak for a child (`RUSAGE_CHILDREN`, and even the child's own `ru_maxrss`, which survives
 exec) also counts the pages the child shared with this parent at fork; the build reports its address
@@ -12,18 +12,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 
-def fresh_build(args: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS bytes of `atlas build ARGS` in a new Python process."""
+class Build(NamedTuple):
+    seconds: float  # wall, process start to exit
+    peak_rss: int  # bytes
+    lanes_seconds: float  # the partitions' share: from the lanes' start, after the head's preparation, to their end
+
+
+def fresh_build(args: list[str]) -> Build:
+    """Wall seconds, peak RSS and the lanes' seconds of `atlas build ARGS` (one engine worker, as by
+    default) in a new Python process."""
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "pipeline", "build", *args], check=True, capture_output=True,
                           text=True)
     seconds = time.perf_counter() - t0
-    peak = re.search(r"peak memory ([0-9.]+) GiB", done.stdout)
-    if peak is None:
+    summary = re.search(r"([0-9.]+) s of it on the partitions, peak memory ([0-9.]+) GiB", done.stdout)
+    if summary is None:
         raise SystemExit(f"atlas build printed no summary line:\n{done.stdout}{done.stderr}")
-    return seconds, int(float(peak.group(1)) * 2**30)
+    return Build(seconds, int(float(summary.group(2)) * 2**30), float(summary.group(1)))
 
 
 STARTUP = """

@@ -4,11 +4,12 @@ Writes a synthetic checkpoint (random bf16 weights, sharded safetensors with an 
 tokenizer of 128,256 tokens) with Llama 3.1 8B's names and shapes: d_model 4,096, vocabulary 128,256,
 attention 32 × 128 with 8 key/value heads, untied head, for `--layers` layers of `--neurons` neurons
 (14,336 in the real model; fewer keep a CPU run short). Then times `atlas build` on it in a fresh
-process and prints the time of a first read of the checkpoint, the time per layer, the full 32-layer ×
-14,336-neuron time projected from it, and peak memory against the budget "LM head + about two layers".
-On a GPU, `--layers 32 --neurons 14336 --device cuda` measures the full model.
+process and prints the time of a first read of the checkpoint, the build's fixed cost and its lanes'
+time (which the build measures for itself, so the time per layer is no difference of two noisy builds),
+the full 32-layer × 14,336-neuron time projected from them, and peak memory against the budget "LM head
++ about two layers". On a GPU, `--layers 32 --neurons 14336 --device cuda` measures the full model.
 
-    .venv/bin/python bench/llama8b_shape.py --layers 2 --neurons 1024 [--dir /tmp/llama8b-shape]
+    .venv/bin/python bench/llama8b_shape.py --layers 4 --neurons 1024 [--dir /tmp/llama8b-shape]
 """
 from __future__ import annotations
 
@@ -94,14 +95,14 @@ def read_once(folder: Path, block: int = 64 * 2**20) -> tuple[int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=3, help="at least 2 (the per-layer cost is a difference)")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers (32 in Llama 3.1 8B)")
     parser.add_argument("--neurons", type=int, default=1024, help="neurons per layer (14336 in Llama 3.1 8B)")
     parser.add_argument("--dir", type=Path, help="where to write the checkpoint (default: a temporary folder)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lanes", type=int, help="partitions at once (atlas build --lanes; default: the build's)")
     args = parser.parse_args()
-    if args.layers < 2:
-        parser.error("--layers must be at least 2")
+    if args.layers < 1:
+        parser.error("--layers must be at least 1")
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.dir or Path(tmp) / "llama-3.1-8b-shape"
@@ -112,33 +113,30 @@ def main() -> None:
               f"vocabulary {VOCAB}, bf16), written in {time.perf_counter() - t0:.1f} s")
         size, seconds = read_once(folder)
         print(f"first read of its {size / 2**30:.2f} GiB: {seconds:.1f} s ({size / 2**30 / seconds:.2f} GiB/s; from "
-              f"the page cache if it was just written); the builds below read it again")
+              f"the page cache if it was just written); the build below reads it again")
         out = Path(tmp) / "atlas"
         t0 = time.perf_counter()
         source_sha256(open_source(folder), out / ".state" / "sha256.json")
         print(f"its SHA-256 (provenance; computed once per output folder, then cached): {time.perf_counter() - t0:.1f} s")
         lanes_option = ["--lanes", str(args.lanes)] if args.lanes else []
         build = [str(folder), "--out", str(out), "--device", args.device, *lanes_option]
-        one, rss_one = fresh_build([*build, "--layers", "0"])
-        wall, rss = fresh_build([*build, "--force"])
-    # a build runs its partitions (3 per layer) in rounds of one per lane: the difference of the two builds'
-    # rounds is what the extra layers cost (layer 0 alone leaves a lane idle for a round on two lanes)
+        wall, rss, in_lanes = fresh_build(build)
+    # the lanes take the partitions (3 per layer) in rounds of one each: a lane idles through a last round
+    # the partitions do not fill
     lanes = lane_shape(torch.device(args.device), args.lanes)[0]
-    rounds = [-(-3 * n // lanes) for n in (1, args.layers)]
-    per_round = (wall - one) / (rounds[1] - rounds[0])
-    per_layer = per_round * 3 / lanes
-    fixed = one - per_round * rounds[0]  # process start, tokenizer, reading the head, its statistics
+    per_layer = in_lanes / -(-3 * args.layers // lanes) * 3 / lanes
+    fixed = wall - in_lanes  # process start, tokenizer, reading the head, its statistics, exit
     full = fixed + per_layer * FULL_LAYERS * FULL_NEURONS / args.neurons
     flop = 2 * args.neurons * D_MODEL * VOCAB * 3
     head = VOCAB * D_MODEL * 4
     layer = 3 * args.neurons * D_MODEL * 4
-    print("atlas build (up, gate, down; top/bottom 20; statistics; Parquet), fresh process each:")
-    print(f"   layer 0 only {one:.1f} s, all {args.layers} layers {wall:.1f} s → {per_layer:.2f} s per layer of "
-          f"{args.neurons} neurons ({flop / per_layer / 1e9:.1f} GFLOP/s), fixed cost {fixed:.1f} s "
-          f"(start, tokenizer, head read and statistics)")
+    print("atlas build (up, gate, down; top/bottom 20; statistics; Parquet), in a fresh process:")
+    print(f"   {args.layers} layers: {wall:.1f} s, of which the lanes {in_lanes:.1f} s → {per_layer:.2f} s per layer "
+          f"of {args.neurons} neurons ({flop / per_layer / 1e9:.1f} GFLOP/s), fixed cost {fixed:.1f} s "
+          f"(start, tokenizer, head read and statistics, exit)")
     print(f"   projected full Llama 3.1 8B ({FULL_LAYERS} × {FULL_NEURONS} neurons × 3 matrices): "
           f"{full / 60:.1f} min on this machine")
-    print(f"   peak RSS {max(rss, rss_one) / 2**30:.2f} GiB; fp32 LM head {head / 2**30:.2f} GiB + two layers "
+    print(f"   peak RSS {rss / 2**30:.2f} GiB; fp32 LM head {head / 2**30:.2f} GiB + two layers "
           f"{2 * layer / 2**30:.2f} GiB = {(head + 2 * layer) / 2**30:.2f} GiB, plus the Python/torch runtime "
           f"and the checkpoint's pages mapped while read")
 

@@ -101,8 +101,9 @@ def build(model: str, out: Path, name: str | None, k: int, norm: str, center: bo
     job = AtlasJob(cfg)
     report = job.run(progress=not quiet, log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)))
     if not quiet:
+        lanes = "" if report.lanes_seconds is None else f"{report.lanes_seconds:.1f} s of it on the partitions, "
         click.echo(f"{report.model}: {report.written} partitions written, {report.skipped} already built, "
-                   f"in {report.seconds:.1f} s (peak memory {report.peak_rss_bytes / 2**30:.2f} GiB) "
+                   f"in {report.seconds:.1f} s ({lanes}peak memory {report.peak_rss_bytes / 2**30:.2f} GiB) "
                    f"-> {report.out / 'atlas' / f'model={report.model}'}")
 
 

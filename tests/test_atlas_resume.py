@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import pytest
 from filelock import FileLock
 
 from pipeline.arch import ArchAdapter
+from pipeline.atlas.job import AtlasJob
+from pipeline.config import AtlasConfig
 from tests.conftest import run_cli
 
 
@@ -112,3 +115,19 @@ def test_a_second_build_into_the_same_folder_is_locked_out(model_dir, tmp_path):
     assert result.exit_code == 1
     assert "another `atlas build` is writing" in result.stderr
     assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_the_build_reports_its_lanes_time_within_its_own(model_dir, tmp_path):
+    """The lanes' time (after the head's preparation) is what the 8B-shape bench takes a layer's cost from:
+    reported for a build in this process, within the build's time; not where nothing was built or where
+    another engine's workers built the partitions."""
+    folder = model_dir("llama")
+    report = AtlasJob(AtlasConfig(model=str(folder), out=tmp_path / "a", k=5)).run(progress=False)
+    assert report.written == 9 and 0 < report.lanes_seconds < report.seconds
+    again = AtlasJob(AtlasConfig(model=str(folder), out=tmp_path / "a", k=5)).run(progress=False)
+    assert again.written == 0 and again.lanes_seconds is None
+    pool = AtlasJob(AtlasConfig(model=str(folder), out=tmp_path / "b", k=5, workers=2)).run(progress=False)
+    assert pool.written == 9 and pool.lanes_seconds is None
+    line = run_cli("build", folder, "--out", tmp_path / "c", "-k", 5).stdout
+    assert re.search(r"9 partitions written, 0 already built, in [0-9.]+ s \([0-9.]+ s of it on the partitions, "
+                     r"peak memory [0-9.]+ GiB\)", line), line

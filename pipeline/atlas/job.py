@@ -64,6 +64,8 @@ class BuildReport:
     skipped: int
     seconds: float
     peak_rss_bytes: int
+    lanes_seconds: float | None = None  # from the lanes' start, after the head's preparation, to their end;
+    #                                     None where the partitions ran on another engine's workers
 
 
 def fit_tokens(tokens: TokenTable, vocab: int) -> TokenTable:
@@ -135,7 +137,7 @@ class AtlasJob:
                 "config": self.cfg.as_dict()}
 
     def run(self, progress: bool = True, log=lambda msg: print(msg, file=sys.stderr)) -> BuildReport:
-        t0 = time.perf_counter()
+        t0, lanes_seconds = time.perf_counter(), None
         self.state.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.state) + ".lock", timeout=0)
         try:
@@ -154,11 +156,12 @@ class AtlasJob:
                 with ThreadPoolExecutor(1, "atlas-tokens") as side:
                     tokens = side.submit(self._write_tokens)  # while the partitions are built
                     if todo:
-                        self._run_partitions(todo, progress)
+                        lanes_seconds = self._run_partitions(todo, progress)
                     tokens.result()
         finally:
             lock.release()
-        return BuildReport(self.model, self.cfg.out, len(todo), skipped, time.perf_counter() - t0, peak_rss_bytes())
+        return BuildReport(self.model, self.cfg.out, len(todo), skipped, time.perf_counter() - t0, peak_rss_bytes(),
+                           lanes_seconds)
 
     def _marker(self, part: Partition) -> Path:
         return self.state / f"{part.matrix}-{part.layer}.json"
@@ -250,17 +253,19 @@ class AtlasJob:
         tmp.write_text(json.dumps(self.settings()))
         os.replace(tmp, marker)
 
-    def _run_partitions(self, todo: list[Partition], progress: bool) -> None:
-        """In this process, or as shards on the configured engine (same files, same markers)."""
+    def _run_partitions(self, todo: list[Partition], progress: bool) -> float | None:
+        """In this process, or as shards on the configured engine (same files, same markers); the lanes'
+        seconds where they ran here."""
         if self.cfg.engine == "local" and (self.cfg.workers or 1) == 1:
-            self.execute(todo, progress)
-            return
+            return self.execute(todo, progress)
         with tqdm(total=len(todo), desc=f"atlas {self.model} ({self.cfg.engine})", unit="part", file=sys.stderr,
                   disable=None if progress else True) as bar:
             run_engine(self.cfg, todo, bar.update)
+        return None
 
-    def execute(self, todo: list[Partition], progress: bool) -> None:
+    def execute(self, todo: list[Partition], progress: bool) -> float:
         """Project and write `todo` here, lanes taking partitions in turn; the shard function of every engine.
+        Returns the lanes' wall seconds, which leave out the build's fixed cost (the head's preparation).
 
         Reads and writes overlap other lanes' computing (lanes.py).
         """
@@ -274,6 +279,7 @@ class AtlasJob:
             feed = Feed(todo)
             with tqdm(total=len(todo), desc=f"atlas {self.model}", unit="part", file=sys.stderr,
                       disable=None if progress else True) as bar, lane_pool(lanes, per_lane, self.device) as pool:
+                start = time.perf_counter()  # the device's queue is empty: lane_pool waited for it
                 counted = threading.Lock()
 
                 def done() -> None:
@@ -287,6 +293,7 @@ class AtlasJob:
                 except BaseException:
                     feed.stop()  # partitions already taken finish and are kept
                     raise
+        return time.perf_counter() - start
 
     def _run_lane(self, parts: Feed, head: Head, texts: pa.Array, done: Callable[[], None]) -> None:
         """Build partitions taken from `parts` until none is left, their blocks of up to PRODUCT_BLOCK

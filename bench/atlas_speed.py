@@ -241,7 +241,7 @@ def main() -> None:
 
     before = sustained_product()
     with tempfile.TemporaryDirectory() as tmp:
-        wall, rss, _ = fresh_build([args.model, "--out", tmp, "--force"])
+        wall, rss, lane_seconds = fresh_build([args.model, "--out", tmp, "--force"])
     after = sustained_product()
     again = rates[roof_dtype].again()  # a roofline timed in a slow spell would flatter every ratio to it
     startup = min(fresh_startup(args.model) for _ in range(2))
@@ -261,6 +261,9 @@ def main() -> None:
     print(f"   the build's start-up alone (imports, source, token table, the head's copy and statistics, in a fresh "
           f"process): {startup:.1f} s; with it and nothing but that bare product, a build would reach "
           f"{ceiling / roof:.1%} of the roofline, so this one ran at {rate / ceiling:.1%} of that ceiling")
+    print(f"   the build's lanes, from their start after the head's preparation to their end: {lane_seconds:.1f} s, "
+          f"{flop_model / lane_seconds / around:.1%} of the bare product around the build; the other "
+          f"{wall - lane_seconds:.1f} s are start-up and exit")
     if max(before, after) > roof:
         print("   (the bare product ran faster around the build than the roofline's shape, even timed again: the "
               "roofline was timed in slow spells of the machine, so every ratio to it reads high)")

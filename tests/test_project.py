@@ -153,14 +153,26 @@ def test_centering_equals_centering_each_token_column_over_the_layer():
 
 
 def test_bf16_error_bound_holds_for_every_logit():
+    """Each token's own bound, from its head row's sizes, holds and is tighter for short rows; the bound
+    over the vocabulary holds for every token at or below a value, however far below (it is used at the
+    last candidate's value for all the tokens outside the candidates)."""
     g = torch.Generator().manual_seed(3)
     head, vectors = torch.randn(5000, 96, generator=g), torch.randn(40, 96, generator=g) * 3
+    head[:2500] *= 0.1  # short rows: as a real head's, whose norms spread (SmolLM2's: max 7.5, median 3.2)
     low = FastHead.from_weight(head, torch.bfloat16)
     approx = (vectors.to(torch.bfloat16) @ low.weight.T).float()
+    error = ((vectors.double() @ head.double().T) - approx.double()).abs()
+    bound = certified.ErrorBound(vectors, low)
+    each = bound.each(approx, torch.arange(5000).expand(40, -1))
+    assert (each >= error).all() and (error.max(1).values > each.max(1).values / 20).all()
+    assert (each[:, :2500].max(1).values < each[:, 2500:].min(1).values / 3).all()
+    whole = bound.whole(approx.abs().max(1).values)
+    assert (whole[:, None] >= error).all()
     exact = vectors.double() @ head.double().T
-    eps = certified.error_bound(vectors, low, approx.abs().max(1).values)
-    slack = eps.double()[:, None] - (exact - approx.double()).abs()
-    assert (slack >= 0).all() and ((exact - approx.double()).abs().max(1).values > eps.double() / 20).all()
+    for q in (0.999, 0.5, 0.01):  # a cut above the mean, at it and far below it
+        cut = approx.quantile(q, dim=1).double()[:, None]
+        below = approx.double() <= cut
+        assert (exact[below] <= (cut + bound.whole(cut.abs()[:, 0])[:, None]).expand_as(exact)[below]).all()
 
 
 def truncating_block_sums(x: np.ndarray, y: np.ndarray, block: int) -> np.ndarray:
@@ -200,7 +212,7 @@ def test_the_accelerator_bound_covers_truncating_tensor_core_sums():
         x, y = vectors.double().numpy()[row], head.double().numpy()[col]
         exact = (x * y).sum(1)
         fast = FastHead.from_weight(head, torch.float32)  # the accumulation alone: inputs exact, fp32 output
-        bound = {dev: certified.error_bound(vectors, fast, torch.zeros(len(vectors)), torch.device(dev)).numpy()[row]
+        bound = {dev: certified.ErrorBound(vectors, fast, torch.device(dev)).whole(torch.zeros(len(vectors))).numpy()[row]
                  for dev in ("cpu", "cuda")}
         for block in (1, 2, 4, 8, 16, 32):
             error = np.abs(truncating_block_sums(x, y, block) - exact)
@@ -303,14 +315,35 @@ def test_most_neurons_are_proven_with_the_default_candidates_and_every_proven_ro
     proven = {}
     for c in (21, 64):
         tv, ti, bv, bi = certified.candidates(vectors, low, c, 1000)
-        eps = certified.error_bound(vectors, low, torch.maximum(tv[:, 0].abs(), bv[:, 0].abs()))
-        sides = (certified.settle(vectors, head_with_ties, tv, ti, 20, eps),
-                 certified.settle(vectors, head_with_ties, bv, bi, 20, eps, sign=-1))
+        bound = certified.ErrorBound(vectors, low)
+        sides = (certified.settle(vectors, head_with_ties, tv, ti, 20, bound),
+                 certified.settle(vectors, head_with_ties, bv, bi, 20, bound, sign=-1))
         for side, expected in zip(sides, (top, bottom)):
             rows = side.proven.numpy()
             assert np.array_equal(side.ids.numpy()[rows], expected[rows])
         proven[c] = (sides[0].proven & sides[1].proven).float().mean()
     assert proven[64] > 0.95 and proven[21] < 0.5
+
+
+def test_settling_re_scores_only_the_candidates_their_own_bound_lets_reach(head_with_ties, monkeypatch):
+    """Over a head whose row norms spread, a candidate on a short row is re-scored only if its own, smaller
+    bound reaches the first k's least exact value: fewer than the bound over the vocabulary would pass,
+    the same exact top-k."""
+    head = head_with_ties.clone()
+    head[::2] *= 0.25
+    vectors = torch.randn(128, 48, generator=torch.Generator().manual_seed(5))
+    low = FastHead.from_weight(head, torch.bfloat16)
+    tv, ti, _, _ = certified.candidates(vectors, low, 64, 1000)
+    scored, rescore = [], certified.rescore
+    monkeypatch.setattr(certified, "rescore", lambda v, w, ids: scored.append(int((ids >= 0).sum())) or rescore(v, w, ids))
+    bound = certified.ErrorBound(vectors, low)
+    top = certified.settle(vectors, head, tv, ti, 20, bound)
+    least = rescore(vectors, head, ti[:, :20]).double().min(1, keepdim=True).values
+    whole = (tv.double() + bound.whole(tv.abs().max(1).values)[:, None] >= least).sum()
+    extra = sum(scored) - 20 * 128  # beyond the first k, which are always scored
+    assert 0 < extra < 0.8 * (int(whole) - 20 * 128)
+    _, expected, _ = reference(vectors, head, 20)
+    assert top.proven.float().mean() > 0.9 and np.array_equal(top.ids.numpy()[top.proven], expected[top.proven])
 
 
 def test_a_head_bf16_holds_exactly_is_kept_once_in_bf16_and_any_other_in_fp32(head_with_ties):

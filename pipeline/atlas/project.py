@@ -293,9 +293,9 @@ def _first_sides(vectors: torch.Tensor, head: Head, k: int, found: tuple[torch.T
     """Both sides settled from their candidates `found` of the `fast` head (default: the head's), and the
     rows proven."""
     tv, ti, bv, bi = found
-    eps = certified.error_bound(vectors, fast or head.fast, torch.maximum(tv[:, 0].abs(), bv[:, 0].abs()))
-    return (certified.settle(vectors, head.weight, tv, ti, k, eps),
-            certified.settle(vectors, head.weight, bv, bi, k, eps, sign=-1))
+    bound = certified.ErrorBound(vectors, fast or head.fast)
+    return (certified.settle(vectors, head.weight, tv, ti, k, bound),
+            certified.settle(vectors, head.weight, bv, bi, k, bound, sign=-1))
 
 
 def _unproven(top: Settled, bottom: Settled) -> torch.Tensor:

@@ -19,8 +19,8 @@ import torch
 from atlas_speed import bare_product, best_time
 
 from pipeline.atlas import certified
-from pipeline.atlas.project import (ACCELERATOR_CHUNK, Head, _first_sides, candidate_count, cpu_chunk, project_block,
-                                    quadratic_form)
+from pipeline.atlas.project import (ACCELERATOR_CHUNK, Head, candidate_count, cpu_chunk, project_block, quadratic_form,
+                                    settle_sides)
 
 D_MODEL, VOCAB, FULL_NEURONS, FULL_PARTITIONS = 4096, 128256, 14336, 96
 
@@ -52,7 +52,7 @@ def main() -> None:
             f"bare {dtype_name} product": bare_product(h.fast.weight, vectors, dtype, args.neurons, chunk, head_left=False),
             "candidates (product + top/bottom c)": lambda: certified.candidates(vectors, h.fast, c, chunk),
             "variances (fp32 quadratic form)": lambda: quadratic_form(vectors, h.cov),
-            "settling both sides (bound, re-scoring)": lambda: _first_sides(vectors, h, args.k, found),
+            "settling both sides (bound, re-scoring)": lambda: settle_sides(vectors, h, args.k, found),
             "project_block (all of it)": lambda: project_block(vectors, h, args.k),
         }
         # the device synchronised after each run: a run's queued work is timed in it

@@ -248,7 +248,7 @@ class _Scanned:
 
     def _settle(self, vectors: torch.Tensor, found: tuple[torch.Tensor, ...], rows: torch.Tensor) -> None:
         """Settle `rows` of the block from their candidates; those left unproven wait for the block's retry."""
-        top, bottom = _first_sides(vectors, self.head, self.k, found)
+        top, bottom = settle_sides(vectors, self.head, self.k, found)
         _fill(self.settled, rows, (top, bottom))
         unproven = _unproven(top, bottom)
         if len(unproven):
@@ -288,7 +288,7 @@ def cpu_chunk(d: int, dtype: torch.dtype) -> int:
     return max(CHUNK_BYTES // (d * dtype.itemsize), CHUNK_ROWS) // kernels.BLOCK * kernels.BLOCK
 
 
-def _first_sides(vectors: torch.Tensor, head: Head, k: int, found: tuple[torch.Tensor, ...],
+def settle_sides(vectors: torch.Tensor, head: Head, k: int, found: tuple[torch.Tensor, ...],
                  fast: FastHead | None = None) -> tuple[Settled, Settled]:
     """Both sides settled from their candidates `found` of the `fast` head (default: the head's), and the
     rows proven."""
@@ -333,7 +333,7 @@ def _wider_sides(vectors: torch.Tensor, head: Head, k: int, c: int, chunk: int, 
     """Top-k of the logits and of their negation from c candidates a side of the first of `passes`; the
     rows it leaves unproven from the next pass, after the last from float64 logits."""
     fast, rest = passes[0], passes[1:]
-    top, bottom = _first_sides(vectors, head, k, certified.candidates(vectors, fast, c, chunk), fast)
+    top, bottom = settle_sides(vectors, head, k, certified.candidates(vectors, fast, c, chunk), fast)
     rows = _unproven(top, bottom)
     if len(rows):
         again = (_wider_sides(vectors[rows], head, k, c, chunk, rest) if rest

@@ -161,14 +161,14 @@ def test_bf16_error_bound_holds_for_every_logit():
     head[:2500] *= 0.1  # short rows: as a real head's, whose norms spread (SmolLM2's: max 7.5, median 3.2)
     low = FastHead.from_weight(head, torch.bfloat16)
     approx = (vectors.to(torch.bfloat16) @ low.weight.T).float()
-    error = ((vectors.double() @ head.double().T) - approx.double()).abs()
+    exact = vectors.double() @ head.double().T
+    error = (exact - approx.double()).abs()
     bound = certified.ErrorBound(vectors, low)
     each = bound.each(approx, torch.arange(5000).expand(40, -1))
     assert (each >= error).all() and (error.max(1).values > each.max(1).values / 20).all()
     assert (each[:, :2500].max(1).values < each[:, 2500:].min(1).values / 3).all()
     whole = bound.whole(approx.abs().max(1).values)
     assert (whole[:, None] >= error).all()
-    exact = vectors.double() @ head.double().T
     for q in (0.999, 0.5, 0.01):  # a cut above the mean, at it and far below it
         cut = approx.quantile(q, dim=1).double()[:, None]
         below = approx.double() <= cut

@@ -37,6 +37,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from statistics import NormalDist
 from typing import NamedTuple
 
@@ -73,10 +74,18 @@ class FastHead:
     weight: torch.Tensor  # [V, d] in the compute dtype (the fp32 head itself when that is fp32)
     norms: torch.Tensor  # [V] float64 ‖ĥ‖ of each row, raised to cover its own rounding (`_row_norms`)
     errors: torch.Tensor  # [V] float64 ‖h − ĥ‖ of each row, likewise
-    row_norm: float  # max ‖ĥ‖
-    row_error: float  # max ‖h − ĥ‖
     roundoff: float  # unit roundoff of the product's output dtype beyond fp32 accumulation
     dtype: torch.dtype  # the product's: `weight`'s, or fp32 over an exact bf16 head (`in_fp32`)
+
+    @cached_property
+    def row_norm(self) -> float:
+        """max ‖ĥ‖ over the vocabulary."""
+        return float(self.norms.max())
+
+    @cached_property
+    def row_error(self) -> float:
+        """max ‖h − ĥ‖ over the vocabulary."""
+        return float(self.errors.max())
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype = torch.float32, chunk: int = 8192) -> FastHead:
@@ -106,16 +115,14 @@ class FastHead:
                 exact[:s] = low[:s]
             if exact is not None:
                 exact[s:s + len(rows)] = rows
-        norms, errors = torch.cat(norms), torch.cat(errors)
-        fast = cls(low, norms, errors, float(norms.max()), float(errors.max()),
-                   U_BF16 if dtype == torch.bfloat16 else 0.0, dtype)
+        fast = cls(low, torch.cat(norms), torch.cat(errors), U_BF16 if dtype == torch.bfloat16 else 0.0, dtype)
         return fast, low if exact is None else exact
 
     def in_fp32(self, exact: torch.Tensor) -> FastHead:
         """The exact head as a fast head multiplied in fp32: no rounded inputs, so its bound is the fp32
         accumulation's alone, for rows whose candidates the fast dtype could not settle."""
-        return FastHead(exact, self.norms + self.errors, torch.zeros_like(self.errors),  # ‖h‖ ≤ ‖ĥ‖ + ‖δh‖
-                        self.row_norm + self.row_error, 0.0, 0.0, torch.float32)
+        # ‖h‖ ≤ ‖ĥ‖ + ‖δh‖ row by row
+        return FastHead(exact, self.norms + self.errors, torch.zeros_like(self.errors), 0.0, torch.float32)
 
 
 class ErrorBound:
@@ -144,13 +151,15 @@ class ErrorBound:
     def whole(self, abs_logit: torch.Tensor) -> torch.Tensor:
         """`[n]` float64: for every token whose |approximate logit| is at most each neuron's `abs_logit`."""
         f = self.fast
-        return self.per_norm * f.row_norm + self.per_error * f.row_error + self.fixed + self.per_logit * abs_logit.double()
+        return (self.per_norm * f.row_norm + self.per_error * f.row_error + self.fixed
+                + self.per_logit * abs_logit.double())
 
     def each(self, approx: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """`[n, m]` float64: for each neuron's candidates `ids`, of approximate values `approx`. Tighter than
         `whole` by the spread of the head's row norms (SmolLM2's: max 7.5, median 3.2): a fifth fewer
         SmolLM2 candidates re-scored."""
-        bound = self.fast.norms[ids].mul_(self.per_norm[:, None]).addcmul_(self.fast.errors[ids], self.per_error[:, None])
+        f = self.fast
+        bound = f.norms[ids].mul_(self.per_norm[:, None]).addcmul_(f.errors[ids], self.per_error[:, None])
         return bound.add_(self.fixed[:, None]).add_(approx.abs().double(), alpha=self.per_logit)
 
 

@@ -3,7 +3,10 @@
 A file reads a variable with `getvariable('name')` and casts it where it needs a number
 (`getvariable('layer')::INT`); values always arrive as strings and are never pasted into SQL text.
 A variable read as `coalesce(getvariable('name'), default)` at every use is optional; any other use
-makes it required. Comments are not scanned, so a header may show such reads as examples.
+makes it required. Comments are not scanned for reads, so a header may show them as examples; the header's
+`Variables` lines (`--   name  required|optional  description`) do limit values: a description that
+starts `a | b | c` allows only those, one that starts `model slug` only a model with an atlas under the
+outputs folder. Either mistake would otherwise match no row, silently.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ TABLES = ("atlas", "neurons", "tokens")
 _COMMENT = re.compile(r"--[^\n]*")
 _READ = re.compile(r"getvariable\(\s*'(\w+)'\s*\)", re.IGNORECASE)
 _DEFAULTED = re.compile(r"coalesce\(\s*getvariable\(\s*'(\w+)'\s*\)", re.IGNORECASE)
+_DOCUMENTED = re.compile(r"^--\s+(\w+)\s+(?:required|optional)\s+(.*)$", re.MULTILINE)
+_CHOICES = re.compile(r"\w+(?:\s*\|\s*\w+)+")
 
 
 def find_sql(name: str | Path) -> Path:
@@ -48,6 +53,26 @@ def check_variables(name: str, sql: str, given: dict[str, str]) -> None:
     required = reads - Counter(_DEFAULTED.findall(code))
     if missing := sorted(set(required) - set(given)):
         raise AtlasError(f"{name} needs {' '.join(f'--var {v}=VALUE' for v in missing)}")
+
+
+def check_values(name: str, sql: str, given: dict[str, str], out: Path) -> None:
+    """Fail before running on a value the file's header rules out (see the module's docstring)."""
+    for variable, description in _DOCUMENTED.findall(sql):
+        if variable not in given:
+            continue
+        value = given[variable]
+        if choices := _CHOICES.match(description):
+            allowed = [c.strip() for c in choices.group().split("|")]
+            if value not in allowed:
+                raise AtlasError(f"{name}: {variable} must be one of {', '.join(allowed)}, not {value!r}")
+        elif description.startswith("model slug") and value not in (models := atlas_models(out)):
+            raise AtlasError(f"{name}: no atlas of model {value!r} under {out} (it has: {', '.join(models)})")
+
+
+def atlas_models(out: Path) -> list[str]:
+    """The slugs of the models with neuron tables under `out`."""
+    return sorted(p.name.removeprefix("model=") for p in (out / "neurons").glob("model=*")
+                  if any(p.rglob("*.parquet")))
 
 
 def check_atlas(out: Path) -> None:
@@ -79,6 +104,7 @@ def run_sql(out: Path, sql_file: str | Path, variables: dict[str, str], limit: i
     check_variables(path.name, sql, variables)
     con = connect(out, variables)
     try:
+        check_values(path.name, sql, variables, out)
         statements = con.extract_statements(sql)
         if not statements:
             raise AtlasError(f"{path.name} holds no SQL statement")

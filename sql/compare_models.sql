@@ -13,7 +13,7 @@
 -- Columns: neurons (compared), same_top1 (how many keep their top-1 token), top1_agreement
 -- (same_top1 / neurons), mean_jaccard (mean over the neurons of |A ∩ B| / |A ∪ B| of top-k sets).
 -- Tokens are compared by token_id, so both models must share a tokenizer. Only neurons present in
--- both atlases are compared; a model name not in the outputs is an error.
+-- both atlases are compared (`atlas query` refuses a model name with no atlas in the outputs).
 -- Variables (`atlas query` --var NAME=VALUE, or SET VARIABLE by hand; values are strings):
 --   base     required  model slug of the reference atlas
 --   other    required  model slug of the atlas compared with it
@@ -22,10 +22,6 @@
 --
 -- Example:
 --   atlas query compare_models --var base=smollm2-135m --var other=smollm2-135m-instruct
-SELECT error('no model ''' || model || ''' in the outputs')
-FROM (SELECT unnest([getvariable('base'), getvariable('other')]) AS model)
-WHERE model NOT IN (SELECT DISTINCT model FROM neurons);
-
 WITH pair AS (
     SELECT matrix, layer, neuron, b.top1_token_id = o.top1_token_id AS same,
            b.top1_token AS base_top1, o.top1_token AS other_top1, b.max_z AS base_max_z,

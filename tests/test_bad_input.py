@@ -113,6 +113,7 @@ def test_unsupported_architecture_names_it_and_the_supported_list(tmp_path):
     (["--matrices", "gate"], 1, "no 'gate' matrix"),
     (["--matrices", "fc"], 2, "invalid matrices"),
     (["-k", "0"], 2, "Invalid value"),
+    (["-k", "100000"], 1, "-k 100000 is more than the"),
     (["--norm", "lens"], 2, "Invalid value"),
 ])
 def test_invalid_options(model_dir, tmp_path, args, code, fragment):

@@ -92,6 +92,8 @@ class AtlasJob:
         self.matrices = self._check_matrices(cfg.matrices)
         self.device = torch_device(cfg.device)
         self.vocab, self.d_model = self.adapter.head_shape()
+        if cfg.k > self.vocab:
+            raise AtlasError(f"-k {cfg.k} is more than the {self.vocab} tokens of {self.model}'s LM head")
         with ThreadPoolExecutor(1, "atlas-sha256") as side:  # hashlib releases the GIL: hashed while tokens are read
             digest = side.submit(source_sha256, self.source, cfg.out / ".state" / "sha256.json", resolved.sha256)
             self.tokens = fit_tokens(self.source.token_table(), self.vocab)
